@@ -1,0 +1,90 @@
+"""Classifier training (seeded, class-balanced batches, cosine schedule) and prediction."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import FedFactoryError
+from ..modules.base import to_float
+from ..utils import derive_seed
+from .augment import augment
+from .networks import PRESETS, ResNet
+
+
+def build_classifier(in_channels: int, num_classes: int, preset: str = "cpu", width: int = 0) -> ResNet:
+    p = PRESETS[preset]
+    return ResNet(in_channels, num_classes, width=width or p["width"], blocks=p["blocks"])
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, seed: int, name: str,
+                     augment_policy: str = "natural", device: torch.device | str = "cpu", bf16: bool = False,
+                     progress: bool = True) -> tuple[ResNet, dict]:
+    """Train from scratch for cfg['budget_images'] images; batches are drawn class-balanced.
+
+    Returns the network (in eval mode) and its training stats.
+    """
+    if len(images) == 0:
+        raise FedFactoryError(f"classifier {name}: no training images")
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "classifier", name, "init"))
+        net = build_classifier(images.shape[-1], num_classes, cfg["preset"], cfg["width"]).to(device)
+    batch = int(cfg["batch_size"])
+    steps = max(1, math.ceil(cfg["budget_images"] / batch))
+    if cfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    warmup = max(1, steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    # Class-balanced sampling: every class is drawn equally often whatever its share.
+    counts = np.bincount(labels, minlength=num_classes)
+    cdf = np.cumsum(1.0 / counts[labels])
+    cdf /= cdf[-1]
+    rng = np.random.default_rng(derive_seed(seed, "classifier", name, "batches"))
+    gen = torch.Generator(device).manual_seed(derive_seed(seed, "classifier", name, "augment"))
+    x_all, y_all = to_float(images).to(device), torch.from_numpy(np.asarray(labels, np.int64)).to(device)
+
+    net.train()
+    t0, loss_avg = time.perf_counter(), None
+    bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.from_numpy(np.minimum(np.searchsorted(cdf, rng.random(batch)), len(cdf) - 1)).to(device)
+        x = augment(x_all[idx], augment_policy, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x).float(), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.3f}", refresh=False)
+    bar.close()
+    wall = time.perf_counter() - t0
+    return net.eval(), {"train_seconds": round(wall, 2), "images_seen": steps * batch,
+                        "images_per_s": round(steps * batch / wall, 1), "final_loss": round(float(loss_avg), 4)}
+
+
+@torch.no_grad()
+def predict_log_proba(net: torch.nn.Module, images: np.ndarray, device="cpu", bf16: bool = False,
+                      batch: int = 500) -> np.ndarray:
+    net.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_float(images[i : i + batch]).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(F.log_softmax(net(x).float(), dim=1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def product_of_experts(log_probas: list[np.ndarray]) -> np.ndarray:
+    """Sum the experts' log-softmax outputs and renormalise: argmax is the PoE prediction."""
+    s = np.sum(log_probas, axis=0)
+    return s - np.logaddexp.reduce(s, axis=1, keepdims=True)

@@ -1,0 +1,196 @@
+"""Run configuration: TOML files plus `--set section.key=value` overrides, validated against DEFAULTS.
+
+Every key a config may hold is in DEFAULTS (with its type); anything else is an error that
+names the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+import tomli_w
+
+from .errors import FedFactoryError
+
+DEFAULTS: dict = {
+    "seed": 0,
+    "data": {
+        "name": "fashion-mnist",
+        "root": "",          # folder (or file) override; "" = the data set's default location
+        "size": 0,           # resize to size x size pixels; 0 = the data set's default
+        "download": False,   # MedMNIST: download a missing file with the medmnist package
+        "train_per_class": 0,  # cap on real training images per class (0 = all): toy runs and tests
+        "test_per_class": 0,   # cap on test images per class (0 = all)
+    },
+    "partition": {
+        "scheme": "silos",   # silos | pathological:<k> | dirichlet:<alpha> | iid | natural
+        "clients": 10,
+        "min_size": 10,      # dirichlet: the smallest client
+        "exclude": [],       # client ids left out of the federation (e.g. to check unlearning)
+    },
+    "module": {
+        "kind": "diffusion",  # diffusion | cvae
+        "preset": "cpu",      # cpu | gpu: architecture and batch size
+        "channels": 0,        # U-Net base channels (0 = preset)
+        "channel_mult": [],   # per resolution level (empty = preset)
+        "num_blocks": 0,      # residual blocks per level (0 = preset)
+        "attn_resolutions": [-1],  # pixel sizes with self-attention ([-1] = preset)
+        "dropout": -1.0,      # (-1 = preset)
+        "budget_images": 80000,  # training images seen per module
+        "batch_size": 0,      # 0 = preset
+        "lr": 2e-3,
+        "ema_halflife_images": 10000,
+        "label_dropout": 0.0,  # > 0 trains an unconditional branch for classifier-free guidance
+        "sample_steps": 10,    # Heun steps: 2 * steps - 1 network calls per image
+        "guidance": 1.0,       # classifier-free guidance weight (1 = off)
+    },
+    "factory": {
+        "per_class": 1000,         # synthetic images per class
+        "aggregation": "weighted",  # weighted | uniform: how a shared class is split over modules
+        "missing_classes": "error",  # error | drop: a class that no module covers
+    },
+    "classifier": {
+        "mode": "server",       # server | local (Product of Experts)
+        "preset": "cpu",        # cpu | gpu (ResNet-18-like)
+        "width": 0,             # base channels (0 = preset)
+        "budget_images": 300000,  # training images seen (same budget for every baseline)
+        "batch_size": 128,
+        "optimizer": "sgd",     # sgd (cosine schedule) | adamw
+        "lr": 0.05,
+        "weight_decay": 5e-4,
+        "augment": "auto",      # auto (by data set) | natural | dihedral | none
+    },
+    "runtime": {
+        "device": "auto",   # auto | cpu | cuda
+        "bf16": "auto",     # auto (on where it is faster) | on | off
+        "threads": 0,       # torch CPU threads (0 = all cores)
+        "compile": False,   # torch.compile on GPU
+        "progress": True,
+    },
+}
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _unknown(key: str) -> FedFactoryError:
+    near = difflib.get_close_matches(key, _flat_keys(DEFAULTS), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return FedFactoryError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value, default):
+    """Check a value against its default's type; ints are accepted where floats are expected."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise FedFactoryError(f"config key {key!r} must be true or false, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FedFactoryError(f"config key {key!r} must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedFactoryError(f"config key {key!r} must be an integer, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise FedFactoryError(f"config key {key!r} must be a string, got {value!r}")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise FedFactoryError(f"config key {key!r} must be a list, got {value!r}")
+    return value
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> None:
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise _unknown(key)
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise FedFactoryError(f"config key {key!r} is a section; give it as [{key}]")
+            _merge(base[k], v, key + ".")
+        else:
+            base[k] = _coerce(key, v, base[k])
+
+
+def _parse_value(text: str):
+    """A TOML value (number, bool, list, quoted string); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_value(cfg: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override in place."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FedFactoryError(f"--set expects key=value, got {assignment!r}")
+    *sections, leaf = key.split(".")
+    node, default = cfg, DEFAULTS
+    for s in sections:
+        if s not in default or not isinstance(default[s], dict):
+            raise _unknown(key)
+        node, default = node[s], default[s]
+    if leaf not in default or isinstance(default[leaf], dict):
+        raise _unknown(key)
+    node[leaf] = _coerce(key, _parse_value(text.strip()), default[leaf])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FedFactoryError(f"config file {path} not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise FedFactoryError(f"config file {path} is not valid TOML: {e}") from None
+        _merge(cfg, data)
+    for o in overrides:
+        set_value(cfg, o)
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu"),
+    "factory.aggregation": ("weighted", "uniform"), "factory.missing_classes": ("error", "drop"),
+    "classifier.mode": ("server", "local"), "classifier.preset": ("cpu", "gpu"),
+    "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
+    "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
+}
+POSITIVE = ("module.budget_images", "module.lr", "module.sample_steps", "factory.per_class",
+            "classifier.budget_images", "classifier.batch_size", "classifier.lr")
+
+
+def get(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: dict) -> None:
+    for key, allowed in CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise FedFactoryError(f"config key {key!r} must be one of {', '.join(allowed)}; got {get(cfg, key)!r}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise FedFactoryError(f"config key {key!r} must be > 0; got {get(cfg, key)!r}")
+
+
+def dumps(cfg: dict) -> str:
+    return tomli_w.dumps(cfg)

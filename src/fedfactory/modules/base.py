@@ -1,0 +1,240 @@
+"""The generative module: what a client trains on its own data and uploads once.
+
+Shape of the API (scikit-learn-like, plain arrays in and out):
+
+    module = DiffusionModule(arch, train, client_id="client-3", seed=0).fit(images, labels)
+    images = module.sample(class_id=3, n=1000, seed=42)      # uint8 N x H x W x C
+    module.save("modules/client-3"); module = load_module("modules/client-3")
+
+A client with several classes trains ONE class-conditional network over them. Subclasses
+define the network, the loss and the sampler; this file holds what they share: the seeded
+training loop (batches, EMA, bf16), chunked seeded sampling, and the module file format.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import FedFactoryError
+from ..utils import derive_seed
+from .fileformat import read_manifest, read_weights, write_module_dir
+
+# Images are generated in fixed chunks, each with its own noise stream: asking for n images
+# always gives the first n of the same sequence, whatever n is (what makes synthesis exact).
+SAMPLE_CHUNK = 100
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return x.float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedFactoryError("runtime.device is cuda but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def use_bf16(device: torch.device, setting: str = "auto") -> bool:
+    """bf16 autocast: on GPUs and on CPUs with AMX/AVX512-BF16 (measured 1.6-2.5x faster here)."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")) or \
+        "amx" in _cpu_flags()
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+class GenerativeModule(ABC):
+    kind: str = ""
+    # Per-kind defaults: `arch` (network shape) and `train` (budget, batch, lr, ...).
+    presets: dict[str, dict] = {}
+
+    def __init__(self, arch: dict | None = None, train: dict | None = None, client_id: str = "client",
+                 seed: int = 0, preset: str = "cpu", device: str = "auto", bf16: str = "auto",
+                 progress: bool = True):
+        if preset not in self.presets:
+            raise FedFactoryError(f"{self.kind}: unknown preset {preset!r}; use one of {', '.join(self.presets)}")
+        preset = self.presets[preset]
+        self.arch = {**preset["arch"], **(arch or {})}
+        self.train_cfg = {**preset["train"], **(train or {})}
+        self.client_id, self.seed = client_id, int(seed)
+        self.device = resolve_device(device)
+        self.bf16 = use_bf16(self.device, bf16)
+        self.progress = progress
+        self.classes: list[int] = []   # global class ids this module covers
+        self.counts: list[int] = []    # real training images of each
+        self.image_shape: tuple[int, int, int] | None = None
+        self.net: torch.nn.Module | None = None   # EMA weights: what is shipped and sampled
+        self.stats: dict = {}
+
+    # -- what a kind defines ------------------------------------------------------------
+    @abstractmethod
+    def build_network(self) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def loss(self, net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
+
+    @abstractmethod
+    def generate(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Images in [-1, 1] for local labels, from the EMA network, with noise from `gen`."""
+
+    # -- shared machinery ------------------------------------------------------------
+    @property
+    def num_local_classes(self) -> int:
+        return len(self.classes)
+
+    def fit(self, images: np.ndarray, labels: np.ndarray) -> "GenerativeModule":
+        """Train from scratch on one client's images (uint8 N x H x W x C) and labels."""
+        images, labels = np.asarray(images), np.asarray(labels, np.int64)
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels) or len(images) == 0:
+            raise FedFactoryError(f"{self.client_id}: fit needs uint8 N x H x W x C images and N labels, N > 0; "
+                                  f"got {images.shape} {images.dtype} and {labels.shape}")
+        self.classes, counts = (v.tolist() for v in np.unique(labels, return_counts=True))
+        self.counts = [int(c) for c in counts]
+        self.image_shape = tuple(int(s) for s in images.shape[1:])
+        local = np.searchsorted(self.classes, labels)
+        cfg = self.train_cfg
+        batch, budget = int(cfg["batch_size"]), int(cfg["budget_images"])
+        steps = max(1, math.ceil(budget / batch))
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, self.client_id, "init"))
+            net = self.build_network().to(self.device)
+        ema = copy.deepcopy(net).requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
+        x_all = to_float(images).to(self.device)
+        y_all = torch.from_numpy(local).to(self.device)
+        order_rng = np.random.default_rng(derive_seed(self.seed, self.client_id, "batches"))
+        gen = torch.Generator(self.device).manual_seed(derive_seed(self.seed, self.client_id, "noise"))
+        warmup = max(1, int(cfg.get("warmup_images", 0)) // batch)
+
+        net.train()
+        t0, seen, loss_avg = time.perf_counter(), 0, None
+        bar = tqdm(range(steps), desc=f"{self.kind} {self.client_id}", unit="step", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        for step in bar:
+            idx = torch.from_numpy(order_rng.integers(0, len(x_all), batch)).to(self.device)
+            x, y = x_all[idx], y_all[idx]
+            if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
+                flip = torch.rand(batch, generator=gen, device=self.device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            for g in opt.param_groups:
+                g["lr"] = cfg["lr"] * min(1.0, (step + 1) / warmup)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.loss(net, x, y, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += batch
+            # EMA with a half-life in images, ramped up early (as EDM does) so short runs still average.
+            halflife = min(cfg["ema_halflife_images"], seen * 0.1)
+            beta = 0.5 ** (batch / max(halflife, 1e-8))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1.0 - beta)
+            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            if step % 20 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        for be, b in zip(ema.buffers(), net.buffers()):
+            be.copy_(b)
+        self.net = ema.eval()
+        wall = time.perf_counter() - t0
+        self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
+                      "images_seen": seen, "final_loss": round(float(loss_avg), 5)}
+        return self
+
+    @torch.no_grad()
+    def sample(self, class_id: int, n: int, seed: int) -> np.ndarray:
+        """n uint8 images of global class `class_id`; the same seed gives the same images."""
+        if self.net is None:
+            raise FedFactoryError(f"{self.client_id}: module is not trained")
+        if class_id not in self.classes:
+            raise FedFactoryError(f"{self.client_id}: module does not cover class {class_id} (covers {self.classes})")
+        local = self.classes.index(class_id)
+        out = []
+        for chunk in range(math.ceil(n / SAMPLE_CHUNK)):
+            gen = torch.Generator(self.device).manual_seed(derive_seed(seed, "chunk", chunk))
+            labels = torch.full((SAMPLE_CHUNK,), local, dtype=torch.long, device=self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out.append(to_uint8(self.generate(labels, gen)))
+        return np.concatenate(out)[:n] if out else np.zeros((0, *self.image_shape), np.uint8)
+
+    # -- files --------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return {
+            "kind": self.kind, "library_version": __version__, "client_id": self.client_id,
+            "arch": self.arch, "image_shape": list(self.image_shape),
+            "normalisation": {"pixels": "uint8", "model_range": [-1.0, 1.0], "x_model": "x / 127.5 - 1"},
+            "classes": self.classes, "counts": self.counts,
+            "training": {**self.train_cfg, "seed": self.seed, "bf16": self.bf16}, "stats": self.stats,
+        }
+
+    def save(self, path: str | Path) -> dict:
+        """Write the module folder atomically; returns the manifest with the weights' SHA-256."""
+        if self.net is None:
+            raise FedFactoryError(f"{self.client_id}: cannot save an untrained module")
+        self.saved_manifest = write_module_dir(path, self.net.state_dict(), self.manifest())
+        return self.saved_manifest
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, device: str = "auto", bf16: str = "auto") -> "GenerativeModule":
+        m = cls(manifest["arch"], {k: v for k, v in manifest.get("training", {}).items() if k in cls.presets["cpu"]["train"]},
+                client_id=str(manifest.get("client_id", "client")), seed=manifest.get("training", {}).get("seed", 0),
+                device=device, bf16=bf16)
+        m.classes = [int(c) for c in manifest["classes"]]
+        m.counts = [int(c) for c in manifest["counts"]]
+        m.image_shape = tuple(int(s) for s in manifest["image_shape"])
+        m.stats = manifest.get("stats", {})
+        return m
+
+
+def module_kinds() -> dict[str, type[GenerativeModule]]:
+    from .cvae import CVAEModule
+    from .diffusion import DiffusionModule
+
+    return {DiffusionModule.kind: DiffusionModule, CVAEModule.kind: CVAEModule}
+
+
+def load_module(path: str | Path, device: str = "auto", bf16: str = "auto") -> GenerativeModule:
+    """Load and verify a module folder; a bad one raises ModuleFileError naming the file and why."""
+    from .fileformat import ModuleFileError
+
+    manifest = read_manifest(path)
+    kinds = module_kinds()
+    if manifest["kind"] not in kinds:
+        raise ModuleFileError(f"{Path(path) / 'manifest.json'}: unknown module kind {manifest['kind']!r}")
+    try:
+        module = kinds[manifest["kind"]].from_manifest(manifest, device=device, bf16=bf16)
+        with torch.random.fork_rng(devices=[]):
+            net = module.build_network()
+    except (KeyError, TypeError, ValueError, RuntimeError, FedFactoryError) as e:
+        raise ModuleFileError(f"{Path(path) / 'manifest.json'}: cannot build the declared architecture: {e}") from None
+    state = read_weights(path, manifest, net.state_dict())
+    net.load_state_dict(state)
+    module.net = net.to(module.device).eval().requires_grad_(False)
+    module.saved_manifest = manifest
+    return module

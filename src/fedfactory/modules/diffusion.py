@@ -1,0 +1,95 @@
+"""EDM diffusion (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models"): preconditioning, log-normal training noise, deterministic Heun sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GenerativeModule
+from .unet import UNet
+
+SIGMA_DATA = 0.5
+P_MEAN, P_STD = -1.2, 1.2                 # log-normal training noise (EDM Table 1)
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # sampling schedule
+
+
+def denoise(net, x, sigma, labels):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)   (EDM eq. 7, Table 1)."""
+    sigma = sigma.reshape(-1, 1, 1, 1).float()
+    c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
+    c_out = sigma * SIGMA_DATA / (sigma**2 + SIGMA_DATA**2).sqrt()
+    c_in = 1 / (SIGMA_DATA**2 + sigma**2).sqrt()
+    c_noise = sigma.log().flatten() / 4
+    return c_skip * x + c_out * net(c_in * x, c_noise, labels).float()
+
+
+def edm_loss(net, y, labels, gen):
+    """lambda(sigma) ||D(y + n; sigma) - y||^2 with ln(sigma) ~ N(P_mean, P_std^2)   (EDM eq. 8)."""
+    sigma = (torch.randn(len(y), generator=gen, device=y.device) * P_STD + P_MEAN).exp()
+    weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+    noise = torch.randn(y.shape, generator=gen, device=y.device) * sigma.reshape(-1, 1, 1, 1)
+    d = denoise(net, y + noise, sigma, labels)
+    return (weight.reshape(-1, 1, 1, 1) * (d - y) ** 2).mean()
+
+
+def heun_sampler(D, latents, steps):
+    """Deterministic 2nd-order Heun sampler (EDM Algorithm 1, S_churn = 0): 2 * steps - 1 calls."""
+    i = torch.arange(steps, dtype=torch.float64, device=latents.device)
+    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])  # t_N = 0
+    x = latents.double() * t[0]
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        d = (x - D(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        if t_next > 0:  # 2nd-order correction
+            x_next = x + (t_next - t_cur) * 0.5 * (d + (x_next - D(x_next, t_next)) / t_next)
+        x = x_next
+    return x.float()
+
+
+class DiffusionModule(GenerativeModule):
+    kind = "diffusion"
+    presets = {
+        # ~0.9M parameters at 28 px. On 2 CPU cores with bf16 this trains at ~330 img/s, where
+        # 32 base channels would run at 240 img/s: full-resolution convolutions dominate the cost.
+        "cpu": {"arch": {"channels": 16, "channel_mult": [1, 2, 4], "num_blocks": 2, "attn_resolutions": [],
+                         "dropout": 0.0},
+                "train": {"budget_images": 36_000, "batch_size": 64, "lr": 2e-3, "ema_halflife_images": 10_000,
+                          "warmup_images": 5_000, "label_dropout": 0.0, "hflip": False,
+                          "sample_steps": 10, "guidance": 1.0}},
+        # ~50M parameters, the paper's scale: 128 channels, 4 levels, attention at 16 and 8 px.
+        "gpu": {"arch": {"channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [16, 8],
+                         "dropout": 0.1},
+                "train": {"budget_images": 5_000_000, "batch_size": 256, "lr": 1e-3, "ema_halflife_images": 500_000,
+                          "warmup_images": 200_000, "label_dropout": 0.0, "hflip": False,
+                          "sample_steps": 18, "guidance": 1.0}},
+    }
+
+    def build_network(self):
+        h, w, c = self.image_shape
+        return UNet(max(h, w), c, self.num_local_classes, **self.arch)
+
+    def loss(self, net, x, labels, gen):
+        p = self.train_cfg["label_dropout"]
+        if p > 0:  # the null label (index = number of classes) trains the unconditional branch
+            drop = torch.rand(len(labels), generator=gen, device=labels.device) < p
+            labels = torch.where(drop, torch.full_like(labels, self.num_local_classes), labels)
+        return edm_loss(net, x, labels, gen)
+
+    def generate(self, labels, gen):
+        h, w, c = self.image_shape
+        latents = torch.randn((len(labels), c, h, w), generator=gen, device=labels.device)
+        g = float(self.train_cfg["guidance"])
+        null = torch.full_like(labels, self.num_local_classes)
+
+        def D(x, sigma):
+            s = sigma.float().expand(len(x))
+            x = x.float()
+            if g == 1.0:
+                return denoise(self.net, x, s, labels).double()
+            # classifier-free guidance: D_uncond + g (D_cond - D_uncond)
+            both = denoise(self.net, torch.cat([x, x]), torch.cat([s, s]), torch.cat([labels, null]))
+            cond, uncond = both.chunk(2)
+            return (uncond + g * (cond - uncond)).double()
+
+        return heun_sampler(D, latents, int(self.train_cfg["sample_steps"])).clamp(-1, 1)

@@ -1,0 +1,102 @@
+"""The module file format: a folder with `module.safetensors` (weights only) and `manifest.json`.
+
+Loading never unpickles: safetensors holds raw tensors, JSON holds everything else. A module is
+accepted only when its format version is known, the weights file hashes to the manifest's
+SHA-256, and every tensor has the name and shape that the declared architecture expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ..errors import FedFactoryError
+from ..utils import atomic_write_json, default_mode, sha256_file
+
+FORMAT_VERSION = 1
+WEIGHTS = "module.safetensors"
+MANIFEST = "manifest.json"
+
+
+class ModuleFileError(FedFactoryError):
+    """A module folder that is missing, tampered with, truncated or mismatched."""
+
+
+def write_module_dir(path: str | Path, state: dict[str, torch.Tensor], manifest: dict) -> dict:
+    """Write weights + manifest into a temp folder beside `path`, then rename it into place.
+
+    A crash leaves either the old folder or the new one, never a half-written module.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+        with open(tmp / WEIGHTS, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS,
+                    "weights_sha256": sha256_file(tmp / WEIGHTS)}
+        atomic_write_json(tmp / MANIFEST, manifest)
+        os.chmod(tmp / WEIGHTS, default_mode())
+        os.chmod(tmp, default_mode(directory=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    mpath = Path(path) / MANIFEST
+    if not mpath.exists():
+        raise ModuleFileError(f"{mpath}: not found (is {path} a module folder?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModuleFileError(f"{mpath}: not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ModuleFileError(f"{mpath}: must hold a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModuleFileError(f"{mpath}: unknown format version {version!r} (this fedfactory reads version {FORMAT_VERSION})")
+    for key in ("kind", "arch", "classes", "counts", "image_shape", "weights_sha256"):
+        if key not in manifest:
+            raise ModuleFileError(f"{mpath}: missing key {key!r}")
+    return manifest
+
+
+def read_weights(path: str | Path, manifest: dict, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read and check the weights against the manifest's hash and the architecture's tensors."""
+    wpath = Path(path) / WEIGHTS
+    if not wpath.exists():
+        raise ModuleFileError(f"{wpath}: not found")
+    digest = sha256_file(wpath)
+    if digest != manifest["weights_sha256"]:
+        raise ModuleFileError(f"{wpath}: SHA-256 {digest[:12]}... does not match the manifest's "
+                              f"{str(manifest['weights_sha256'])[:12]}...: the file was altered or truncated")
+    try:
+        state = load_safetensors(wpath.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ModuleFileError(f"{wpath}: not a valid safetensors file: {e}") from None
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ModuleFileError(f"{wpath}: weights do not match the declared architecture "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape) or state[k].dtype != t.dtype:
+            raise ModuleFileError(f"{wpath}: tensor {k!r} has shape {tuple(state[k].shape)} {state[k].dtype}, "
+                                  f"the declared architecture needs {tuple(t.shape)} {t.dtype}")
+    return state

@@ -1,0 +1,113 @@
+"""report.md, the synthetic-vs-real sample grid and the confusion-matrix plot."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .utils import atomic_write_bytes, atomic_write_text
+
+
+def sample_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Rows of uint8 N x H x W x C images -> one uint8 H' x W' x 3 picture (white gaps)."""
+    h, w = rows[0].shape[1:3]
+    n = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            grid[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = \
+                np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+    return grid
+
+
+def save_png(path: Path, pixels: np.ndarray, scale: int = 1) -> None:
+    im = Image.fromarray(pixels)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def synthetic_vs_real(path: Path, synth_x, synth_y, real_x, real_y, num_classes: int, per_row: int = 8) -> None:
+    """For every class: a row of synthetic images, then a row of real ones."""
+    rows = []
+    empty = np.zeros((0, *real_x.shape[1:]), np.uint8)
+    for c in range(num_classes):
+        rows.append(synth_x[synth_y == c][:per_row] if len(synth_x) else empty)
+        rows.append(real_x[real_y == c][:per_row])
+    rows = [r if len(r) else np.full((1, *real_x.shape[1:]), 255, np.uint8) for r in rows]
+    size = real_x.shape[1]
+    save_png(path, sample_grid(rows), scale=max(1, 64 // size))
+
+
+def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n), dpi=100)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), [c[:12] for c in class_names], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [c[:12] for c in class_names], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall")
+
+
+def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
+    m = results["metrics"]
+    cfg = results["config"]
+    lines = [
+        f"# FederatedFactory run: {cfg['data']['name']}, {cfg['partition']['scheme']}, "
+        f"{len(results['clients'])} clients, {cfg['classifier']['mode']} mode",
+        "",
+        f"Seed {cfg['seed']}; {cfg['module']['kind']} modules ({cfg['module']['preset']} preset); "
+        f"{cfg['factory']['per_class']} synthetic images per class; one round of module exchange.",
+        "",
+        "| metric | value |", "|---|---|",
+        *[f"| {k} | {m[k]:.4f} |" for k in METRICS],
+        "",
+    ]
+    if extra:
+        lines += [extra, ""]
+    if results.get("missing_classes"):
+        names = ", ".join(class_names[c] for c in results["missing_classes"])
+        lines += [f"**Classes no module covers (left out of synthesis, never predicted):** {names}", ""]
+    lines += ["## Per class", "", "| class | test accuracy | modules |", "|---|---|---|"]
+    holders = {c: [mod["client"] for mod in results["modules"] if c in mod["classes"]] for c in range(len(class_names))}
+    for c, name in enumerate(class_names):
+        acc = m["per_class_accuracy"][c]
+        lines.append(f"| {name} | {'-' if acc is None else f'{acc:.3f}'} | {', '.join(holders[c]) or 'none'} |")
+    lines += ["", "## Clients (real training images per class)", "",
+              "| client | " + " | ".join(n[:10] for n in class_names) + " |",
+              "|---|" + "---|" * len(class_names)]
+    lines += [f"| {cid} | " + " | ".join(map(str, cnt)) + " |" for cid, cnt in results["clients"].items()]
+    lines += ["", "## Modules", "", "| client | classes | SHA-256 | bytes |", "|---|---|---|---|"]
+    lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
+    lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
+    lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:", "",
+              "![samples](samples.png)", "", "![confusion matrix](confusion.png)", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,1 @@
+"""Runners orchestrate the pieces below them; they never re-implement them."""

@@ -1,0 +1,208 @@
+"""The embedded runner: the whole federation in one process.
+
+    data -> partition -> every client fits its module -> modules/ (one round)
+         -> factory (balanced synthesis) -> classifier (server or PoE) -> evaluation -> report
+
+Each phase is a function that the Flower runner and `unlearn` call too, so a run gives the
+same result whichever way it is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..classify import predict_log_proba, product_of_experts, train_classifier
+from ..config import dumps
+from ..data import Dataset, Partition, load_dataset, make_partition
+from ..errors import FedFactoryError
+from ..evaluate import evaluate
+from ..factory import SyntheticSet, synthesize
+from ..modules import GenerativeModule, ModuleFileError, load_module, module_kinds
+from ..modules.base import resolve_device, use_bf16
+from ..registry import register
+from ..report import confusion_png, synthetic_vs_real, write_report
+from ..utils import atomic_write_json, atomic_write_text, derive_seed
+
+
+def setup_runtime(cfg: dict) -> None:
+    if cfg["runtime"]["threads"] > 0:
+        torch.set_num_threads(cfg["runtime"]["threads"])
+
+
+def _cap_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]))
+
+
+def prepare_data(cfg: dict) -> tuple[Dataset, Partition]:
+    """Load the data set (capped per class for toy runs) and partition it over the clients."""
+    d = cfg["data"]
+    ds = load_dataset(d["name"], root=d["root"], size=d["size"], download=d["download"])
+    if d["train_per_class"] > 0:
+        keep = _cap_per_class(ds.y_train, d["train_per_class"], derive_seed(cfg["seed"], "subsample", "train"))
+        ds.x_train, ds.y_train = ds.x_train[keep], ds.y_train[keep]
+        if ds.groups_train is not None:
+            ds.groups_train = ds.groups_train[keep]
+    if d["test_per_class"] > 0:
+        keep = _cap_per_class(ds.y_test, d["test_per_class"], derive_seed(cfg["seed"], "subsample", "test"))
+        ds.x_test, ds.y_test = ds.x_test[keep], ds.y_test[keep]
+    p = cfg["partition"]
+    part = make_partition(ds.y_train, p["scheme"], p["clients"], seed=cfg["seed"], num_classes=ds.num_classes,
+                          groups=ds.groups_train, min_size=p["min_size"])
+    unknown = sorted(set(p["exclude"]) - set(part.clients))
+    if unknown:
+        raise FedFactoryError(f"partition.exclude names unknown clients {unknown}; clients are {part.clients}")
+    for cid in p["exclude"]:
+        del part.indices[cid], part.counts[cid]
+    if not part.indices:
+        raise FedFactoryError("partition.exclude leaves no client in the federation")
+    return ds, part
+
+
+def new_module(cfg: dict, client_id: str) -> GenerativeModule:
+    m = cfg["module"]
+    cls = module_kinds()[m["kind"]]
+    arch = {k: m[k] for k in ("channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+            if k in cls.presets[m["preset"]]["arch"] and m[k] not in (0, [], [-1], -1.0)}
+    train = {k: v for k, v in m.items() if k in cls.presets[m["preset"]]["train"] and not (k == "batch_size" and v == 0)}
+    return cls(arch, train, client_id=client_id, seed=cfg["seed"], preset=m["preset"],
+               device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"], progress=cfg["runtime"]["progress"])
+
+
+def train_client(cfg: dict, ds: Dataset, part: Partition, client_id: str) -> GenerativeModule:
+    """What one client does: fit its generative module on its own real images only."""
+    idx = part.indices[client_id]
+    return new_module(cfg, client_id).fit(ds.x_train[idx], ds.y_train[idx])
+
+
+def _reusable(path: Path, cfg: dict, part: Partition, cid: str) -> GenerativeModule | None:
+    """A module already in the run folder that verifies and matches this client's data and config."""
+    try:
+        m = load_module(path, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
+    except ModuleFileError:
+        return None
+    counts = part.counts[cid]
+    expected = [c for c, n in enumerate(counts) if n > 0]
+    fresh = new_module(cfg, cid)
+    if (m.kind != cfg["module"]["kind"] or m.classes != expected or m.counts != [counts[c] for c in expected]
+            or m.arch != fresh.arch or m.seed != cfg["seed"]
+            or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items())):
+        return None
+    return m
+
+
+def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
+    modules = []
+    bar = tqdm(part.clients, desc="client modules", unit="client", disable=not cfg["runtime"]["progress"],
+               dynamic_ncols=True)
+    for cid in bar:
+        path = run_dir / "modules" / cid
+        m = _reusable(path, cfg, part, cid) if resume and path.exists() else None
+        if m is None:
+            m = train_client(cfg, ds, part, cid)
+            register(run_dir, m.save(path))
+        modules.append(m)
+    return modules
+
+
+def module_summary(run_dir: Path, modules: list[GenerativeModule]) -> list[dict]:
+    return [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
+             "sha256": m.saved_manifest["weights_sha256"],
+             "bytes": (run_dir / "modules" / m.client_id / "module.safetensors").stat().st_size,
+             "train_stats": m.stats} for m in modules]
+
+
+def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) -> tuple[np.ndarray, dict]:
+    """Train the classifier(s) and return log-probabilities on the real test set."""
+    c = cfg["classifier"]
+    device = resolve_device(cfg["runtime"]["device"])
+    bf16 = use_bf16(device, cfg["runtime"]["bf16"])
+    policy = ds.augment if c["augment"] == "auto" else c["augment"]
+    kw = dict(augment_policy=policy, device=device, bf16=bf16, progress=cfg["runtime"]["progress"])
+    if c["mode"] == "server":
+        net, stats = train_classifier(synth.images, synth.labels, ds.num_classes, c, cfg["seed"], "server", **kw)
+        return predict_log_proba(net, ds.x_test, device, bf16), {"server": stats}
+    # local mode: each client's own real images + synthetic images of the classes it lacks; PoE at test time
+    experts, stats = [], {}
+    for cid, idx in part.indices.items():
+        own = set(np.unique(ds.y_train[idx]).tolist())
+        lacking = ~np.isin(synth.labels, list(own))
+        x = np.concatenate([ds.x_train[idx], synth.images[lacking]])
+        y = np.concatenate([ds.y_train[idx], synth.labels[lacking]])
+        net, stats[cid] = train_classifier(x, y, ds.num_classes, c, cfg["seed"], cid, **kw)
+        experts.append(predict_log_proba(net, ds.x_test, device, bf16))
+    return product_of_experts(experts), stats
+
+
+def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModule], run_dir: Path,
+          timings: dict, report_extra: str = "") -> dict:
+    """From the uploaded modules onwards: synthesis, classifier, evaluation, report, results.json."""
+    f, progress = cfg["factory"], cfg["runtime"]["progress"]
+    t = time.perf_counter()
+    synth = synthesize(modules, ds.num_classes, f["per_class"], cfg["seed"], f["aggregation"], f["missing_classes"],
+                       ds.class_names, progress=progress)
+    timings["synthesis"] = time.perf_counter() - t
+    t = time.perf_counter()
+    log_proba, clf_stats = classify(cfg, ds, part, synth)
+    if synth.missing_classes:  # a class no module covers is never predicted
+        log_proba[:, synth.missing_classes] = -np.inf
+        log_proba -= np.logaddexp.reduce(log_proba, axis=1, keepdims=True)
+    timings["classifier"] = time.perf_counter() - t
+    metrics = evaluate(ds.y_test, log_proba, ds.num_classes)
+    mods = module_summary(run_dir, modules)
+    results = {
+        "library_version": __version__, "config": cfg,
+        "dataset": {"name": ds.name, "image_shape": list(ds.image_shape), "class_names": ds.class_names,
+                    "train_images": int(sum(len(i) for i in part.indices.values())), "test_images": len(ds.y_test)},
+        "metrics": metrics,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "clients": part.counts, "modules": mods,
+        "missing_classes": synth.missing_classes,
+        "synthetic": {"images": len(synth.labels), "per_class": np.bincount(synth.labels, minlength=ds.num_classes).tolist(),
+                      "sources": synth.sources},
+        "classifier": clf_stats,
+        "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
+                          "downloaded_bytes": sum(m["bytes"] for m in mods) * len(mods) if cfg["classifier"]["mode"] == "local" else 0},
+    }
+    synthetic_vs_real(run_dir / "samples.png", synth.images, synth.labels, ds.x_test, ds.y_test, ds.num_classes)
+    confusion_png(run_dir / "confusion.png", metrics["confusion_matrix"], ds.class_names,
+                  f"{ds.name} {cfg['classifier']['mode']} mode: accuracy {metrics['accuracy']:.3f}")
+    atomic_write_json(run_dir / "results.json", results)
+    write_report(run_dir, results, ds.class_names, report_extra)
+    return results
+
+
+def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
+    """The whole pipeline, writing into run_dir; `resume` reuses verified modules already there."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise FedFactoryError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "config.toml").exists():
+        old = (run_dir / "config.toml").read_text()
+        if old != dumps(cfg):
+            atomic_write_text(run_dir / "config.previous.toml", old)
+    atomic_write_text(run_dir / "config.toml", dumps(cfg))
+    setup_runtime(cfg)
+    timings = {}
+    t = time.perf_counter()
+    ds, part = prepare_data(cfg)
+    timings["data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    modules = train_modules(cfg, ds, part, run_dir, resume)
+    timings["modules"] = time.perf_counter() - t
+    return build(cfg, ds, part, modules, run_dir, timings)
+
+
+def load_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise FedFactoryError(f"{path} not found: is {run_dir} a finished fedfactory run?")
+    return json.loads(path.read_text())

@@ -1,0 +1,39 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed: sudo apt-get install dataset-fashion-mnist",
+)
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">i", d) for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def toy_images():
+    """Three classes of 12 x 12 grey images with different, learnable shapes."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((60, 12, 12, 1), np.uint8)
+    y = np.repeat(np.arange(3), 20)
+    for i, c in enumerate(y):
+        x[i, 2 + c * 3 : 5 + c * 3, 2:10, 0] = 200 + rng.integers(0, 50)
+    return x, y
+
+
+@pytest.fixture
+def fashion_idx_dir(tmp_path):
+    """A miniature Fashion-MNIST folder in the original IDX .gz format."""
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 50), ("t10k", 20)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path

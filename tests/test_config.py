@@ -1,0 +1,45 @@
+import pytest
+
+from fedfactory.config import DEFAULTS, load_config
+from fedfactory.errors import FedFactoryError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('seed = 3\n[partition]\nscheme = "dirichlet:0.1"\n')
+    cfg = load_config(path, ["module.lr=0.001", "partition.clients=4", "data.name=br35h", "partition.exclude=['client-1']"])
+    assert cfg["seed"] == 3 and cfg["partition"]["scheme"] == "dirichlet:0.1"
+    assert cfg["module"]["lr"] == 0.001 and cfg["partition"]["clients"] == 4
+    assert cfg["data"]["name"] == "br35h" and cfg["partition"]["exclude"] == ["client-1"]
+    assert cfg["classifier"] == DEFAULTS["classifier"]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("module.budget_image=5", ["module.budget_image", "module.budget_images"]),
+    ("partition.clinets=3", ["partition.clinets", "partition.clients"]),
+    ("partition.clients=three", ["integer"]),
+    ("classifier.mode=global", ["server", "local"]),
+    ("factory.per_class=0", ["> 0"]),
+    ("nokey", ["key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(FedFactoryError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_file_suggests_nearest(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[classifier]\nbatchsize = 3\n")
+    with pytest.raises(FedFactoryError, match="classifier.batchsize.*classifier.batch_size"):
+        load_config(path)
+
+
+def test_configs_shipped_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert len(files) >= 2
+    for f in files:
+        load_config(f)

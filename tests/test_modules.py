@@ -1,0 +1,151 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedfactory.errors import FedFactoryError
+from fedfactory.modules import ModuleFileError, load_module
+from fedfactory.modules.cvae import CVAEModule
+from fedfactory.modules.diffusion import DiffusionModule, heun_sampler
+
+TINY_ARCH = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1}
+TINY_TRAIN = {"budget_images": 64, "batch_size": 16, "sample_steps": 3}
+
+
+def tiny(kind="diffusion", seed=0, client="client-0"):
+    if kind == "diffusion":
+        return DiffusionModule(TINY_ARCH, TINY_TRAIN, client_id=client, seed=seed, progress=False)
+    return CVAEModule({"channels": 8, "latent": 4}, {"budget_images": 64, "batch_size": 16}, client_id=client,
+                      seed=seed, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8)
+    y = np.array([2, 5] * 20)
+    m = tiny().fit(x, y)
+    path = tmp_path_factory.mktemp("mod") / "client-0"
+    m.save(path)
+    return m, path, x, y
+
+
+def test_module_records_classes_and_counts(trained):
+    m, path, _, _ = trained
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["classes"] == [2, 5] and manifest["counts"] == [20, 20]
+    assert manifest["kind"] == "diffusion" and manifest["client_id"] == "client-0"
+    assert manifest["image_shape"] == [12, 12, 1] and len(manifest["weights_sha256"]) == 64
+    assert {"format_version", "arch", "training", "library_version", "normalisation"} <= set(manifest)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "cvae"])
+def test_round_trip_gives_identical_samples(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (30, 12, 12, 1), dtype=np.uint8), np.arange(30) % 3
+    m = tiny(kind).fit(x, y)
+    m.save(tmp_path / "m")
+    loaded = load_module(tmp_path / "m")
+    a, b = m.sample(1, 7, seed=11), loaded.sample(1, 7, seed=11)
+    assert a.shape == (7, 12, 12, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, m.sample(1, 7, seed=12))
+
+
+def test_sampling_is_a_fixed_sequence(trained):
+    m = trained[0]
+    long, short = m.sample(5, 130, seed=3), m.sample(5, 17, seed=3)
+    assert np.array_equal(long[:17], short)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "cvae"])
+def test_training_twice_with_one_seed_is_bit_identical(trained, kind):
+    _, _, x, y = trained
+    a, b = tiny(kind, seed=4).fit(x, y), tiny(kind, seed=4).fit(x, y)
+    c = tiny(kind, seed=5).fit(x, y)
+    sa, sb, sc = a.net.state_dict(), b.net.state_dict(), c.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_flipped_byte_is_refused(trained, tmp_path):
+    path = _copy(trained[1], tmp_path / "m")
+    data = bytearray((path / "module.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (path / "module.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModuleFileError, match="module.safetensors.*does not match.*altered or truncated"):
+        load_module(path)
+
+
+def test_truncated_file_is_refused(trained, tmp_path):
+    path = _copy(trained[1], tmp_path / "m")
+    data = (path / "module.safetensors").read_bytes()
+    (path / "module.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModuleFileError, match="altered or truncated"):
+        load_module(path)
+
+
+def _edit_manifest(path, fn):
+    m = json.loads((path / "manifest.json").read_text())
+    fn(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_wrong_shape_in_manifest_is_refused(trained, tmp_path):
+    path = _copy(trained[1], tmp_path / "m")
+    _edit_manifest(path, lambda m: m["arch"].update(channels=16))
+    with pytest.raises(ModuleFileError, match="has shape .* the declared architecture needs"):
+        load_module(path)
+    path2 = _copy(trained[1], tmp_path / "m2")
+    _edit_manifest(path2, lambda m: m.update(classes=[1, 2, 3], counts=[1, 1, 1]))
+    with pytest.raises(ModuleFileError, match="declared architecture"):
+        load_module(path2)
+
+
+def test_unknown_format_version_and_kind_are_refused(trained, tmp_path):
+    path = _copy(trained[1], tmp_path / "m")
+    _edit_manifest(path, lambda m: m.update(format_version=99))
+    with pytest.raises(ModuleFileError, match="unknown format version 99"):
+        load_module(path)
+    path2 = _copy(trained[1], tmp_path / "m2")
+    _edit_manifest(path2, lambda m: m.update(kind="gan"))
+    with pytest.raises(ModuleFileError, match="unknown module kind 'gan'"):
+        load_module(path2)
+    with pytest.raises(ModuleFileError, match="not found"):
+        load_module(tmp_path / "absent")
+
+
+def test_sample_errors(trained):
+    with pytest.raises(FedFactoryError, match="does not cover class 3"):
+        trained[0].sample(3, 1, seed=0)
+    with pytest.raises(FedFactoryError, match="not trained"):
+        tiny().sample(0, 1, seed=0)
+
+
+def test_heun_sampler_converges_for_a_gaussian():
+    # Data ~ N(0, s^2): the ideal denoiser is x s^2 / (s^2 + sigma^2) and the probability-flow ODE
+    # maps x_T = 80 to exactly 80 s / sqrt(s^2 + 80^2); Heun's error must shrink with more steps.
+    s = 0.5
+    D = lambda x, sigma: x * s**2 / (s**2 + sigma**2)  # noqa: E731
+    exact = 80 * s / (s**2 + 80**2) ** 0.5
+    errors = [abs(heun_sampler(D, torch.ones(1, 1, 1, 1), steps=n).item() - exact) for n in (10, 18, 50, 200)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[2] < 0.01 and errors[3] < 0.001
+
+
+def test_presets_sizes():
+    def params(preset, res, ch):
+        m = DiffusionModule(preset=preset, progress=False)
+        m.classes, m.counts, m.image_shape = [0], [1], (res, res, ch)
+        return sum(p.numel() for p in m.build_network().parameters())
+
+    assert params("cpu", 28, 1) < 2_000_000
+    assert params("gpu", 32, 3) > 20_000_000
