@@ -45,6 +45,48 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .config import load_config
+    from .runners.compare import compare
+
+    cfg = load_config(args.config, args.set)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise FedFactoryError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    summary = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], seeds, args.out)
+    for name, m in summary["methods"].items():
+        print(f"{name:<12} accuracy {m['accuracy']['mean']:.4f} +- {m['accuracy']['std']:.4f}  "
+              f"AUROC {m['auroc']['mean']:.4f}  rounds {m['rounds']}")
+    print(f"comparison: {Path(args.out) / 'comparison.md'}")
+    return 0
+
+
+def cmd_unlearn(args) -> int:
+    from .runners.unlearn import unlearn
+
+    results = unlearn(args.run_dir, args.client, out=args.out, reason=args.reason, orphaned=args.orphaned)
+    u, m = results["unlearning"], results["metrics"]
+    out = Path(args.out) if args.out else Path(args.run_dir).with_name(f"{Path(args.run_dir).name}-without-{args.client}")
+    if u["orphaned_classes"]:
+        names = results["dataset"]["class_names"]
+        print(f"classes that lost their only module (never predicted now): {', '.join(names[c] for c in u['orphaned_classes'])}")
+    print(f"accuracy {u['metrics_before']['accuracy']:.4f} -> {m['accuracy']:.4f}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .registry import read_registry, verify
+
+    problems = verify(args.run_dir)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    n = len(read_registry(args.run_dir)["modules"])
+    print(f"{n - len(problems)} of {n} modules verified" + ("" if not problems else f", {len(problems)} failed"))
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfactory", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"fedfactory {__version__}")
@@ -69,6 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--resume", action="store_true", help="continue a run: reuse its verified modules")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("compare", help="the factory against centralized, local-only and weight-averaging baselines")
+    s.add_argument("config")
+    s.add_argument("--methods", default="factory,centralized,local-only,fedavg,fedprox,scaffold,feddyn",
+                   help="comma-separated: factory, centralized, local-only, fedavg, fedprox, scaffold, feddyn")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 1,2,3")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.add_argument("--out", required=True, help="the comparison folder")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("unlearn", help="forget a client exactly: rebuild the run without its module")
+    s.add_argument("run_dir")
+    s.add_argument("--client", required=True, help="the client id, e.g. client-3")
+    s.add_argument("--out", default=None, help="the new run folder (default: RUN_DIR-without-CLIENT)")
+    s.add_argument("--reason", default="", help="why, for the audit log")
+    s.add_argument("--orphaned", choices=["drop", "error"], default="drop",
+                   help="classes only this client held: rebuild without them (drop) or stop (error)")
+    s.set_defaults(func=cmd_unlearn)
+
+    s = sub.add_parser("verify", help="re-check every module's SHA-256 against the run's registry")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_verify)
 
     args = p.parse_args(argv)
     try:

@@ -66,6 +66,15 @@ DEFAULTS: dict = {
         "weight_decay": 5e-4,
         "augment": "auto",      # auto (by data set) | natural | dihedral | none
     },
+    "baselines": {               # weight-averaging baselines on the same partition and classifier
+        "rounds": 30,
+        "local_epochs": 1,
+        "lr": 0.05,              # plain SGD, as the algorithms' papers use
+        "fraction": 1.0,         # clients per round
+        "mu": 0.01,              # FedProx proximal weight
+        "alpha": 0.01,           # FedDyn regulariser
+        "eval_every": 1,         # rounds between test evaluations (the learning curve)
+    },
     "runtime": {
         "device": "auto",   # auto | cpu | cuda
         "bf16": "auto",     # auto (on where it is faster) | on | off
@@ -172,7 +181,8 @@ CHOICES = {
     "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
     "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
 }
-POSITIVE = ("module.budget_images", "module.lr", "module.sample_steps", "factory.per_class",
+POSITIVE = ("baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
+            "module.budget_images", "module.lr", "module.sample_steps", "factory.per_class",
             "classifier.budget_images", "classifier.batch_size", "classifier.lr")
 
 

@@ -7,6 +7,7 @@ SAMPLE_CHUNK): adding or removing a module never changes what the other modules 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,12 @@ class SyntheticSet:
     labels: np.ndarray          # int64 N
     sources: list[dict] = field(default_factory=list)   # {"client", "class", "n", "seed"} per draw
     missing_classes: list[int] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """SHA-256 of the images and labels: equal digests mean byte-identical synthetic sets."""
+        h = hashlib.sha256(self.images.tobytes())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()
 
 
 def plan(modules: list[GenerativeModule], num_classes: int, per_class: int,

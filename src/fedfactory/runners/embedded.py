@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -28,7 +29,7 @@ from ..modules import GenerativeModule, ModuleFileError, load_module, module_kin
 from ..modules.base import resolve_device, use_bf16
 from ..registry import register
 from ..report import confusion_png, synthetic_vs_real, write_report
-from ..utils import atomic_write_json, atomic_write_text, derive_seed
+from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, derive_seed
 
 
 def setup_runtime(cfg: dict) -> None:
@@ -119,8 +120,8 @@ def module_summary(run_dir: Path, modules: list[GenerativeModule]) -> list[dict]
              "train_stats": m.stats} for m in modules]
 
 
-def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) -> tuple[np.ndarray, dict]:
-    """Train the classifier(s) and return log-probabilities on the real test set."""
+def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) -> tuple[np.ndarray, dict, dict]:
+    """Train the classifier(s); return log-probabilities on the real test set, stats, and the networks."""
     c = cfg["classifier"]
     device = resolve_device(cfg["runtime"]["device"])
     bf16 = use_bf16(device, cfg["runtime"]["bf16"])
@@ -128,17 +129,17 @@ def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) -> tu
     kw = dict(augment_policy=policy, device=device, bf16=bf16, progress=cfg["runtime"]["progress"])
     if c["mode"] == "server":
         net, stats = train_classifier(synth.images, synth.labels, ds.num_classes, c, cfg["seed"], "server", **kw)
-        return predict_log_proba(net, ds.x_test, device, bf16), {"server": stats}
+        return predict_log_proba(net, ds.x_test, device, bf16), {"server": stats}, {"server": net}
     # local mode: each client's own real images + synthetic images of the classes it lacks; PoE at test time
-    experts, stats = [], {}
+    experts, stats, nets = [], {}, {}
     for cid, idx in part.indices.items():
         own = set(np.unique(ds.y_train[idx]).tolist())
         lacking = ~np.isin(synth.labels, list(own))
         x = np.concatenate([ds.x_train[idx], synth.images[lacking]])
         y = np.concatenate([ds.y_train[idx], synth.labels[lacking]])
-        net, stats[cid] = train_classifier(x, y, ds.num_classes, c, cfg["seed"], cid, **kw)
-        experts.append(predict_log_proba(net, ds.x_test, device, bf16))
-    return product_of_experts(experts), stats
+        nets[cid], stats[cid] = train_classifier(x, y, ds.num_classes, c, cfg["seed"], cid, **kw)
+        experts.append(predict_log_proba(nets[cid], ds.x_test, device, bf16))
+    return product_of_experts(experts), stats, nets
 
 
 def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModule], run_dir: Path,
@@ -150,7 +151,9 @@ def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModul
                        ds.class_names, progress=progress)
     timings["synthesis"] = time.perf_counter() - t
     t = time.perf_counter()
-    log_proba, clf_stats = classify(cfg, ds, part, synth)
+    log_proba, clf_stats, nets = classify(cfg, ds, part, synth)
+    for name, net in nets.items():  # the classifiers are the product: keep their weights (safetensors)
+        atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", save_safetensors(net.state_dict()))
     if synth.missing_classes:  # a class no module covers is never predicted
         log_proba[:, synth.missing_classes] = -np.inf
         log_proba -= np.logaddexp.reduce(log_proba, axis=1, keepdims=True)
@@ -165,7 +168,7 @@ def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModul
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "clients": part.counts, "modules": mods,
         "missing_classes": synth.missing_classes,
-        "synthetic": {"images": len(synth.labels), "per_class": np.bincount(synth.labels, minlength=ds.num_classes).tolist(),
+        "synthetic": {"images": len(synth.labels), "sha256": synth.digest(), "per_class": np.bincount(synth.labels, minlength=ds.num_classes).tolist(),
                       "sources": synth.sources},
         "classifier": clf_stats,
         "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),

@@ -1,0 +1,92 @@
+"""Baselines on exactly the factory's partition, classifier and test set.
+
+    centralized   the classifier on the pooled real training data (the upper bound)
+    local-only    each client's classifier on its own data: alone, and as a Product of Experts
+    fedavg, fedprox, scaffold, feddyn   multi-round weight averaging (averaging.py)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..classify import build_classifier, predict_log_proba, product_of_experts, train_classifier
+from ..classify.augment import augment
+from ..data import Dataset, Partition
+from ..errors import FedFactoryError
+from ..evaluate import evaluate
+from ..modules.base import resolve_device, to_float, use_bf16
+from ..utils import derive_seed
+from .averaging import ALGORITHMS, FLClient, federated_training, state_bytes
+
+METHODS = ("centralized", "local-only", *ALGORITHMS)
+
+
+def run_baseline(method: str, cfg: dict, ds: Dataset, part: Partition) -> tuple[np.ndarray, dict]:
+    """Train `method` and return log-probabilities on the real test set and what it cost."""
+    c, seed, progress = cfg["classifier"], cfg["seed"], cfg["runtime"]["progress"]
+    device = resolve_device(cfg["runtime"]["device"])
+    bf16 = use_bf16(device, cfg["runtime"]["bf16"])
+    policy = ds.augment if c["augment"] == "auto" else c["augment"]
+    kw = dict(augment_policy=policy, device=device, bf16=bf16, progress=progress)
+    if method == "centralized":
+        idx = np.sort(np.concatenate(list(part.indices.values())))
+        net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, c, seed, "centralized", **kw)
+        return predict_log_proba(net, ds.x_test, device, bf16), {"rounds": 0, "uploaded_bytes": 0, "downloaded_bytes": 0,
+                                                                  "classifier": stats}
+    if method == "local-only":
+        experts, alone = [], {}
+        for cid, idx in part.indices.items():
+            net, _ = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, c, seed, f"local-{cid}", **kw)
+            lp = predict_log_proba(net, ds.x_test, device, bf16)
+            experts.append(lp)
+            alone[cid] = float((lp.argmax(1) == ds.y_test).mean())
+            size = state_bytes(net)
+        # one-shot sharing of classifiers: each uploads its classifier once, the PoE is the ensemble
+        return product_of_experts(experts), {"rounds": 1, "uploaded_bytes": size * len(experts), "downloaded_bytes": 0,
+                                             "accuracy_alone": alone,
+                                             "accuracy_alone_mean": float(np.mean(list(alone.values())))}
+    if method in ALGORITHMS:
+        return _weight_averaging(method, cfg, ds, part, device, bf16, policy)
+    raise FedFactoryError(f"unknown method {method!r}; use factory or one of {', '.join(METHODS)}")
+
+
+def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
+    c, b, seed = cfg["classifier"], cfg["baselines"], cfg["seed"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "classifier", method, "init"))
+        net = build_classifier(ds.image_shape[-1], ds.num_classes, c["preset"], c["width"]).to(device)
+    gen = torch.Generator(device).manual_seed(derive_seed(seed, method, "augment"))
+
+    def client(cid, idx):
+        x_all, y_all = to_float(ds.x_train[idx]).to(device), torch.from_numpy(ds.y_train[idx]).to(device)
+
+        def batches(r):
+            for e in range(b["local_epochs"]):
+                order = np.random.default_rng(derive_seed(seed, method, cid, r, e)).permutation(len(idx))
+                for i in range(0, len(order), c["batch_size"]):
+                    sel = torch.from_numpy(order[i : i + c["batch_size"]]).to(device)
+                    yield augment(x_all[sel], policy, gen), y_all[sel]
+        return FLClient(cid, len(idx), batches)
+
+    def loss_fn(model, x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return F.cross_entropy(model(x).float(), y)
+
+    curve = []
+
+    def on_round(r, model):
+        if (r + 1) % b["eval_every"] == 0 or r + 1 == b["rounds"]:
+            lp = predict_log_proba(model, ds.x_test, device, bf16)
+            curve.append({"round": r + 1, "accuracy": float((lp.argmax(1) == ds.y_test).mean())})
+            bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
+
+    clients = [client(cid, idx) for cid, idx in part.indices.items()]
+    with tqdm(total=b["rounds"], desc=method, unit="round", disable=not cfg["runtime"]["progress"], leave=False) as bar:
+        info = federated_training(method, net, clients, loss_fn, b["rounds"], b["lr"], seed, fraction=b["fraction"],
+                                  mu=b["mu"], alpha=b["alpha"], weight_decay=c["weight_decay"],
+                                  on_round=on_round, progress=bar)
+    info["learning_curve"] = curve
+    return predict_log_proba(net, ds.x_test, device, bf16), info

@@ -1,0 +1,128 @@
+"""`fedfactory compare`: every method x every seed on the same partition, side by side.
+
+Each (method, seed) pair gets its own folder with a results.json; finished pairs are skipped on
+re-run. The factory runs through the embedded runner; baselines through baselines/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..baselines import METHODS, run_baseline
+from ..errors import FedFactoryError
+from ..evaluate import evaluate
+from ..report import METRICS
+from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .embedded import prepare_data, run, setup_runtime
+
+ALL_METHODS = ("factory", *METHODS)
+TABLE = ("accuracy", "balanced_accuracy", "auroc", "f1")
+
+
+def run_method(method: str, cfg: dict, out: Path) -> dict:
+    if method == "factory":
+        return run(cfg, out, resume=(out / "config.toml").exists())
+    setup_runtime(cfg)
+    t = time.perf_counter()
+    ds, part = prepare_data(cfg)
+    log_proba, info = run_baseline(method, cfg, ds, part)
+    wall = time.perf_counter() - t
+    results = {"library_version": __version__, "method": method, "config": cfg,
+               "metrics": evaluate(ds.y_test, log_proba, ds.num_classes), "timings": {"total": round(wall, 2)},
+               "clients": part.counts, "communication": {k: info.pop(k) for k in ("rounds", "uploaded_bytes", "downloaded_bytes")},
+               "details": info}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {}
+    for k in METRICS:
+        vals = [r["metrics"][k] for r in runs]
+        out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "runs": vals}
+    comm = [r.get("communication", {}) for r in runs]
+    out["rounds"] = comm[0].get("rounds", 1)
+    out["uploaded_bytes"] = int(np.mean([c.get("uploaded_bytes", 0) for c in comm]))
+    out["downloaded_bytes"] = int(np.mean([c.get("downloaded_bytes", 0) for c in comm]))
+    out["wall_seconds"] = float(np.mean([sum(r["timings"].values()) for r in runs]))
+    return out
+
+
+def compare(cfg: dict, methods: list[str], seeds: list[int], out: str | Path) -> dict:
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise FedFactoryError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if not seeds:
+        raise FedFactoryError("--seeds needs at least one seed")
+    out = Path(out)
+    summary = {"config": cfg, "seeds": seeds, "methods": {}}
+    for method in methods:
+        runs = []
+        for seed in seeds:
+            d = out / method / f"seed-{seed}"
+            if (d / "results.json").exists():
+                runs.append(json.loads((d / "results.json").read_text()))
+                continue
+            c = copy.deepcopy(cfg)
+            c["seed"] = seed
+            runs.append(run_method(method, c, d))
+        summary["methods"][method] = _summary(runs)
+    atomic_write_json(out / "comparison.json", summary)
+    _write_markdown(out, summary)
+    _bar_chart(out, summary)
+    return summary
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.0f} PB"
+
+
+def _write_markdown(out: Path, s: dict) -> None:
+    cfg = s["config"]
+    lines = [f"# Comparison: {cfg['data']['name']}, {cfg['partition']['scheme']}, {cfg['partition']['clients']} clients",
+             "", f"Seeds {s['seeds']}; mean +- std over seeds; metrics on the real test set.", "",
+             "| method | " + " | ".join(TABLE) + " | rounds | uploaded | downloaded | wall s |",
+             "|---|" + "---|" * (len(TABLE) + 4)]
+    for name, m in s["methods"].items():
+        cells = [f"{m[k]['mean']:.4f} +- {m[k]['std']:.4f}" for k in TABLE]
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {m['rounds']} | {_fmt_bytes(m['uploaded_bytes'])} | {_fmt_bytes(m['downloaded_bytes'])} | {m['wall_seconds']:.0f} |")
+    lines += ["", "![accuracy by method](comparison.png)", ""]
+    atomic_write_text(out / "comparison.md", "\n".join(lines))
+
+
+def _bar_chart(out: Path, s: dict) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(s["methods"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 3.5), dpi=100)
+    for i, k in enumerate(("accuracy", "balanced_accuracy", "auroc")):
+        means = [s["methods"][n][k]["mean"] for n in names]
+        stds = [s["methods"][n][k]["std"] for n in names]
+        ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=stds, label=k, capsize=2)
+    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{s['config']['data']['name']}, {s['config']['partition']['scheme']}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out / "comparison.png", buf.getvalue())

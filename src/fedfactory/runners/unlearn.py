@@ -1,0 +1,87 @@
+"""Exact modular unlearning: drop a client's module and rebuild from the rest.
+
+The federation's state is its set of modules, and every later step (synthesis streams, classifier
+seeds) is keyed by stable names, so the rebuilt run is exactly the run that a federation without
+that client would have produced: same synthetic set, same classifier weights, same metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import FedFactoryError
+from ..modules import load_module
+from ..registry import append_audit, read_registry, verify
+from ..report import METRICS
+from ..utils import atomic_write_json
+from .embedded import build, load_results, prepare_data, setup_runtime
+
+
+def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, reason: str = "",
+            orphaned: str = "drop") -> dict:
+    """Rebuild `run_dir` without `client` into `out` (default: RUN_DIR-without-CLIENT).
+
+    orphaned: what to do with classes that only `client` covered: 'drop' (rebuild; they are
+    never predicted) or 'error' (stop before changing anything).
+    """
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir.with_name(f"{run_dir.name}-without-{client}")
+    before = load_results(run_dir)
+    registry = read_registry(run_dir)
+    if client not in registry["modules"]:
+        raise FedFactoryError(f"{run_dir} has no module of client {client!r}; its clients: {sorted(registry['modules'])}")
+    problems = verify(run_dir)
+    if problems:
+        raise FedFactoryError(f"{run_dir} does not verify, fix it first: {problems[0]}")
+    if out.exists() and any(out.iterdir()):
+        raise FedFactoryError(f"{out} already exists: choose another --out")
+    keep = {cid: e for cid, e in registry["modules"].items() if cid != client}
+    held = {c for e in keep.values() for c in e["classes"]}
+    orphans = sorted(c for c in registry["modules"][client]["classes"] if c not in held)
+    names = before["dataset"]["class_names"]
+    if orphans and orphaned == "error":
+        raise FedFactoryError(f"{client} is the only holder of class(es) {', '.join(names[c] for c in orphans)}: "
+                              "the rebuilt model could not predict them (use --orphaned drop to rebuild without them)")
+
+    cfg = load_config(run_dir / "config.toml")
+    cfg["partition"]["exclude"] = sorted(set(cfg["partition"]["exclude"]) | {client})
+    if orphans:
+        cfg["factory"]["missing_classes"] = "drop"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / "audit.jsonl", out / "audit.jsonl")
+    for cid, entry in keep.items():  # the remaining modules, unchanged
+        shutil.copytree(run_dir / entry["path"], out / entry["path"])
+    atomic_write_json(out / "registry.json", {"modules": keep})
+    append_audit(out, "remove", client=client, sha256=registry["modules"][client]["sha256"], reason=reason,
+                 orphaned_classes=orphans, source_run=str(run_dir))
+    from ..config import dumps
+    from ..utils import atomic_write_text
+
+    atomic_write_text(out / "config.toml", dumps(cfg))
+
+    setup_runtime(cfg)
+    t = time.perf_counter()
+    ds, part = prepare_data(cfg)
+    modules = [load_module(out / keep[cid]["path"], cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for cid in part.clients]
+    timings = {"data": time.perf_counter() - t}
+    lines = [f"## Unlearning", "",
+             f"Client **{client}** was removed{f' (reason: {reason})' if reason else ''}; its module "
+             f"(SHA-256 `{registry['modules'][client]['sha256'][:16]}`) is not in this run. Everything below was "
+             f"rebuilt from the remaining {len(keep)} modules with the original config and seed, which is exactly "
+             "what a federation without this client would have produced.", ""]
+    if orphans:
+        lines += [f"Classes that lost their only module, now never predicted: "
+                  f"**{', '.join(names[c] for c in orphans)}**.", ""]
+    results = build(cfg, ds, part, modules, out, timings, report_extra="")
+    lines += ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {k} | {before['metrics'][k]:.4f} | {results['metrics'][k]:.4f} |" for k in METRICS]
+    results["unlearning"] = {"client": client, "reason": reason, "orphaned_classes": orphans, "source_run": str(run_dir),
+                             "metrics_before": {k: before["metrics"][k] for k in METRICS}}
+    atomic_write_json(out / "results.json", results)
+    from ..report import write_report
+
+    write_report(out, results, names, extra="\n".join(lines))
+    return results

@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from fedfactory.cli import main
+from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, capsys):  # noqa: F811
+    methods = "factory,centralized,local-only,fedavg,fedprox,scaffold,feddyn"
+    args = ["compare", "configs/fashion-silos.toml", "--methods", methods, "--seeds", "1,2", "--out", str(tmp_path / "cmp")]
+    args += sum((["--set", o] for o in toy_overrides(digits_npz) + ["baselines.rounds=2", "classifier.budget_images=512"]), [])
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "cmp/comparison.json").read_text())
+    assert list(summary["methods"]) == methods.split(",")
+    for name, m in summary["methods"].items():
+        assert len(m["accuracy"]["runs"]) == 2 and 0 <= m["accuracy"]["mean"] <= 1, name
+        assert m["accuracy"]["std"] >= 0
+    assert summary["methods"]["fedavg"]["rounds"] == 2 and summary["methods"]["factory"]["rounds"] == 1
+    assert summary["methods"]["scaffold"]["uploaded_bytes"] > summary["methods"]["fedavg"]["uploaded_bytes"]
+    table = (tmp_path / "cmp/comparison.md").read_text()
+    assert all(f"| {m} |" in table for m in methods.split(","))
+    assert (tmp_path / "cmp/comparison.png").stat().st_size > 0
+    curve = json.loads((tmp_path / "cmp/fedavg/seed-1/results.json").read_text())["details"]["learning_curve"]
+    assert [p["round"] for p in curve] == [1, 2]
+    # finished pairs are skipped: a re-run touches no results file
+    stamp = (tmp_path / "cmp/fedavg/seed-1/results.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (tmp_path / "cmp/fedavg/seed-1/results.json").stat().st_mtime_ns == stamp
