@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def cmd_compare(args) -> int:
         print(f"{name:<12} accuracy {m['accuracy']['mean']:.4f} +- {m['accuracy']['std']:.4f}  "
               f"AUROC {m['auroc']['mean']:.4f}  rounds {m['rounds']}")
     print(f"comparison: {Path(args.out) / 'comparison.md'}")
+    return 0
+
+
+def cmd_federate(args) -> int:
+    from .config import load_config
+    from .runners.flower.federation import federate
+
+    load_config(args.config, args.set)  # fail fast, here, on a bad config or key
+    result = federate(args.config, args.nodes, args.out, overrides=args.set, timeout=args.timeout)
+    m = json.loads((Path(args.out) / "results.json").read_text())["metrics"]
+    print(f"Flower run {result['run_id']}: {result['status']}")
+    print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  AUROC {m['auroc']:.4f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -120,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--out", required=True, help="the comparison folder")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("federate", help="run the one-shot federation over Flower: a SuperLink and N SuperNodes here")
+    s.add_argument("config")
+    s.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (one per client)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.add_argument("--out", required=True, help="the run folder")
+    s.add_argument("--timeout", type=float, default=7200, help="seconds the clients may take to train")
+    s.set_defaults(func=cmd_federate)
 
     s = sub.add_parser("unlearn", help="forget a client exactly: rebuild the run without its module")
     s.add_argument("run_dir")

@@ -157,6 +157,17 @@ def set_value(cfg: dict, assignment: str) -> None:
     node[leaf] = _coerce(key, _parse_value(text.strip()), default[leaf])
 
 
+def load_config_text(text: str) -> dict:
+    """A config from TOML text (as the Flower ServerApp sends it)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    try:
+        _merge(cfg, tomllib.loads(text))
+    except tomllib.TOMLDecodeError as e:
+        raise FedFactoryError(f"config is not valid TOML: {e}") from None
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import FedFactoryError
 from ..utils import derive_seed
-from .fileformat import read_manifest, read_weights, write_module_dir
+from .fileformat import read_manifest, read_weights, serialize, write_module_dir
 
 # Images are generated in fixed chunks, each with its own noise stream: asking for n images
 # always gives the first n of the same sequence, whatever n is (what makes synthesis exact).
@@ -195,10 +195,14 @@ class GenerativeModule(ABC):
 
     def save(self, path: str | Path) -> dict:
         """Write the module folder atomically; returns the manifest with the weights' SHA-256."""
-        if self.net is None:
-            raise FedFactoryError(f"{self.client_id}: cannot save an untrained module")
-        self.saved_manifest = write_module_dir(path, self.net.state_dict(), self.manifest())
+        self.saved_manifest = write_module_dir(path, *self.to_bytes())
         return self.saved_manifest
+
+    def to_bytes(self) -> tuple[bytes, dict]:
+        """The module as it travels: safetensors bytes and the manifest (with their SHA-256)."""
+        if self.net is None:
+            raise FedFactoryError(f"{self.client_id}: cannot serialize an untrained module")
+        return serialize(self.net.state_dict(), self.manifest())
 
     @classmethod
     def from_manifest(cls, manifest: dict, device: str = "auto", bf16: str = "auto") -> "GenerativeModule":

@@ -7,6 +7,7 @@ SHA-256, and every tensor has the name and shape that the declared architecture 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,22 +31,27 @@ class ModuleFileError(FedFactoryError):
     """A module folder that is missing, tampered with, truncated or mismatched."""
 
 
-def write_module_dir(path: str | Path, state: dict[str, torch.Tensor], manifest: dict) -> dict:
-    """Write weights + manifest into a temp folder beside `path`, then rename it into place.
+def serialize(state: dict[str, torch.Tensor], manifest: dict) -> tuple[bytes, dict]:
+    """Weights -> safetensors bytes, and the manifest completed with format version and hash."""
+    blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    return blob, {**manifest, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS,
+                  "weights_sha256": hashlib.sha256(blob).hexdigest()}
 
-    A crash leaves either the old folder or the new one, never a half-written module.
+
+def write_module_dir(path: str | Path, blob: bytes, manifest: dict) -> dict:
+    """Write weights bytes + manifest into a temp folder beside `path`, then rename it into place.
+
+    A crash leaves either the old folder or the new one, never a half-written module. The bytes
+    are stored as given (a received module is kept byte for byte; load_module verifies it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
         with open(tmp / WEIGHTS, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS,
-                    "weights_sha256": sha256_file(tmp / WEIGHTS)}
         atomic_write_json(tmp / MANIFEST, manifest)
         os.chmod(tmp / WEIGHTS, default_mode())
         os.chmod(tmp, default_mode(directory=True))

@@ -1,0 +1,96 @@
+"""The ServerApp: wait for the sites, send one train message each, verify and store every module,
+then run the same factory as `fedfactory run` (synthesis, classifier, evaluation, report).
+
+Run config ([tool.flwr.app.config] in flower-app/pyproject.toml, or flwr run --run-config):
+config (path of a fedfactory TOML), overrides ("key=value;key=value"), out (run folder),
+num-nodes, wait-timeout and train-timeout (seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from ...config import dumps, load_config
+from ...errors import FedFactoryError
+from ...modules import load_module
+from ...modules.fileformat import write_module_dir
+from ...registry import register
+from ..embedded import build, prepare_data, setup_runtime
+from .messages import config_content, read_module
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes[:expected] if expected > 0 else nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float):
+    """One round: a train message to every node; verified modules in, failures by node id."""
+    messages = [Message(config_content(dumps(cfg)), dst_node_id=nid, message_type="train") for nid in nodes]
+    replies = {rep.metadata.src_node_id: rep for rep in grid.send_and_receive(messages, timeout=timeout)}
+    modules, failures = [], {}
+    for nid in nodes:
+        rep = replies.get(nid)
+        if rep is None:
+            failures[nid] = f"no reply within {timeout:.0f} s"
+        elif rep.has_error():
+            failures[nid] = f"ClientApp failed: {rep.error.reason}"
+        else:
+            try:
+                blob, manifest = read_module(rep.content)
+                cid = str(manifest.get("client_id", ""))
+                if not cid or any(m.client_id == cid for m in modules):
+                    raise FedFactoryError(f"bad or duplicate client id {cid!r}")
+                path = out / "modules" / cid
+                write_module_dir(path, blob, manifest)
+                modules.append(load_module(path, cfg["runtime"]["device"], cfg["runtime"]["bf16"]))
+                register(out, manifest, source=f"flower node {nid}")
+            except FedFactoryError as e:
+                failures[nid] = f"module rejected: {e}"
+    return modules, failures
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    overrides = [o for o in str(rc.get("overrides", "")).split(";") if o.strip()]
+    cfg = load_config(str(rc["config"]), overrides)
+    out = Path(str(rc["out"]))
+    if out.exists() and any(out.iterdir()):
+        raise RuntimeError(f"{out} already holds a run")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dumps(cfg))
+    setup_runtime(cfg)
+    nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["wait-timeout"]))
+    t = time.perf_counter()
+    modules, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]))
+    timings = {"modules": time.perf_counter() - t}
+    for nid, why in failures.items():
+        print(f"fedfactory: node {nid}: {why}", flush=True)
+    if failures and cfg["factory"]["missing_classes"] == "error":
+        raise RuntimeError(f"{len(failures)} of {len(nodes)} nodes failed ("
+                           + "; ".join(f"node {n}: {w}" for n, w in failures.items())
+                           + '); set factory.missing_classes="drop" to go on without them')
+    if not modules:
+        raise RuntimeError("no module was received")
+    t = time.perf_counter()
+    ds, part = prepare_data(cfg)
+    timings["data"] = time.perf_counter() - t
+    received = {m.client_id for m in modules}
+    for cid in [c for c in part.clients if c not in received]:
+        del part.indices[cid], part.counts[cid]
+    modules.sort(key=lambda m: part.clients.index(m.client_id))
+    results = build(cfg, ds, part, modules, out, timings)
+    print(f"fedfactory: accuracy {results['metrics']['accuracy']:.4f}; report: {out / 'report.md'}", flush=True)

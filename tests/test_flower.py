@@ -1,0 +1,86 @@
+"""A real Flower deployment on loopback: a SuperLink, 3 SuperNodes, the one-shot exchange."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from fedfactory.errors import FedFactoryError
+from fedfactory.runners.flower.federation import LocalFederation, federate
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower CLI not installed")]
+
+TOY = """seed = 0
+[data]
+name = "npz:{npz}"
+[partition]
+scheme = "silos"
+clients = 3
+[module]
+channels = 8
+channel_mult = [1, 2]
+num_blocks = 1
+budget_images = 128
+batch_size = 32
+sample_steps = 2
+[factory]
+per_class = 20
+[classifier]
+budget_images = 256
+batch_size = 64
+width = 8
+[runtime]
+threads = 1
+progress = false
+"""
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    d = load_digits()
+    x, y = (d.images * 255 / 16).astype(np.uint8), d.target
+    keep = y < 3
+    folder = tmp_path_factory.mktemp("flower")
+    np.savez(folder / "digits.npz", x_train=x[keep][::2], y_train=y[keep][::2], x_test=x[keep][1::2], y_test=y[keep][1::2])
+    path = folder / "toy.toml"
+    path.write_text(TOY.format(npz=folder / "digits.npz"))
+    return path
+
+
+def test_one_shot_federation_matches_the_embedded_run(toy_config, tmp_path):
+    from fedfactory.config import load_config
+    from fedfactory.runners.embedded import run
+
+    kept = tmp_path / "kept"
+    result = federate(toy_config, 3, tmp_path / "flower", node_configs=[{"keep-dir": str(kept)}] * 3, timeout=300)
+    assert result["status"] == "finished:completed"
+    embedded = run(load_config(toy_config), tmp_path / "embedded")
+    flower = json.loads((tmp_path / "flower/results.json").read_text())
+    for cid in ("client-0", "client-1", "client-2"):
+        served = (tmp_path / "flower/modules" / cid / "module.safetensors").read_bytes()
+        assert served == (kept / cid / "module.safetensors").read_bytes()  # what the client trained
+        assert served == (tmp_path / "embedded/modules" / cid / "module.safetensors").read_bytes()
+    assert flower["metrics"] == embedded["metrics"]
+    assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
+    sources = [json.loads(l)["source"] for l in (tmp_path / "flower/audit.jsonl").read_text().splitlines()]
+    assert all(s.startswith("flower node ") for s in sources) and len(sources) == 3
+
+
+def test_a_failing_client_fails_the_run_by_node_id(toy_config, tmp_path):
+    # the third SuperNode is misconfigured: its partition does not exist
+    bad = [{}, {}, {"partition-id": 7}]
+    with pytest.raises(FedFactoryError) as e:
+        federate(toy_config, 3, tmp_path / "run", node_configs=bad, timeout=300)
+    msg = str(e.value)
+    assert "finished:failed" in msg and "ClientApp failed" in msg and "node " in msg
+    assert "client-7 is not a client" in msg or "client-7" in msg
+
+
+def test_processes_are_stopped():
+    with LocalFederation(1) as fed:
+        procs = list(fed.procs)
+        assert all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
