@@ -69,6 +69,19 @@ def test_one_shot_federation_matches_the_embedded_run(toy_config, tmp_path):
     assert all(s.startswith("flower node ") for s in sources) and len(sources) == 3
 
 
+def test_local_mode_over_flower_matches_the_embedded_run(toy_config, tmp_path):
+    from fedfactory.config import load_config
+    from fedfactory.runners.embedded import run
+
+    federate(toy_config, 3, tmp_path / "flower", overrides=["classifier.mode=local"], timeout=300)
+    embedded = run(load_config(toy_config, ["classifier.mode=local"]), tmp_path / "embedded")
+    flower = json.loads((tmp_path / "flower/results.json").read_text())
+    assert flower["metrics"] == embedded["metrics"]
+    for cid in ("client-0", "client-1", "client-2"):  # the experts the sites trained are the embedded ones
+        assert (tmp_path / "flower/classifiers" / f"{cid}.safetensors").read_bytes() == \
+            (tmp_path / "embedded/classifiers" / f"{cid}.safetensors").read_bytes()
+
+
 def test_a_failing_client_fails_the_run_by_node_id(toy_config, tmp_path):
     # the third SuperNode is misconfigured: its partition does not exist
     bad = [{}, {}, {"partition-id": 7}]

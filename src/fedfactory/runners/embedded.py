@@ -120,30 +120,48 @@ def module_summary(run_dir: Path, modules: list[GenerativeModule]) -> list[dict]
              "train_stats": m.stats} for m in modules]
 
 
-def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) -> tuple[np.ndarray, dict, dict]:
-    """Train the classifier(s); return log-probabilities on the real test set, stats, and the networks."""
-    c = cfg["classifier"]
+def _classifier_kw(cfg: dict, ds: Dataset) -> dict:
     device = resolve_device(cfg["runtime"]["device"])
-    bf16 = use_bf16(device, cfg["runtime"]["bf16"])
-    policy = ds.augment if c["augment"] == "auto" else c["augment"]
-    kw = dict(augment_policy=policy, device=device, bf16=bf16, progress=cfg["runtime"]["progress"])
-    if c["mode"] == "server":
-        net, stats = train_classifier(synth.images, synth.labels, ds.num_classes, c, cfg["seed"], "server", **kw)
+    policy = ds.augment if cfg["classifier"]["augment"] == "auto" else cfg["classifier"]["augment"]
+    return dict(augment_policy=policy, device=device, bf16=use_bf16(device, cfg["runtime"]["bf16"]),
+                progress=cfg["runtime"]["progress"])
+
+
+def train_local_expert(cfg: dict, ds: Dataset, part: Partition, cid: str, synth: SyntheticSet):
+    """What a client does in local mode: a classifier on its own real images plus synthetic images
+    of the classes it lacks (those come only from the other clients' modules)."""
+    idx = part.indices[cid]
+    lacking = ~np.isin(synth.labels, np.unique(ds.y_train[idx]))
+    x = np.concatenate([ds.x_train[idx], synth.images[lacking]])
+    y = np.concatenate([ds.y_train[idx], synth.labels[lacking]])
+    return train_classifier(x, y, ds.num_classes, cfg["classifier"], cfg["seed"], cid, **_classifier_kw(cfg, ds))
+
+
+def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet,
+             experts: dict | None = None) -> tuple[np.ndarray, dict, dict]:
+    """Train the classifier(s); return log-probabilities on the real test set, stats, and the networks.
+
+    In local mode, `experts` holds classifiers the sites already trained (the Flower runner).
+    """
+    kw = _classifier_kw(cfg, ds)
+    device, bf16 = kw["device"], kw["bf16"]
+    if cfg["classifier"]["mode"] == "server":
+        net, stats = train_classifier(synth.images, synth.labels, ds.num_classes, cfg["classifier"], cfg["seed"],
+                                      "server", **kw)
         return predict_log_proba(net, ds.x_test, device, bf16), {"server": stats}, {"server": net}
-    # local mode: each client's own real images + synthetic images of the classes it lacks; PoE at test time
-    experts, stats, nets = [], {}, {}
-    for cid, idx in part.indices.items():
-        own = set(np.unique(ds.y_train[idx]).tolist())
-        lacking = ~np.isin(synth.labels, list(own))
-        x = np.concatenate([ds.x_train[idx], synth.images[lacking]])
-        y = np.concatenate([ds.y_train[idx], synth.labels[lacking]])
-        nets[cid], stats[cid] = train_classifier(x, y, ds.num_classes, c, cfg["seed"], cid, **kw)
-        experts.append(predict_log_proba(nets[cid], ds.x_test, device, bf16))
-    return product_of_experts(experts), stats, nets
+    # local mode: one expert per client, combined as a Product of Experts at test time
+    nets, stats = {}, {}
+    for cid in part.clients:
+        if experts and cid in experts:
+            nets[cid], stats[cid] = experts[cid], {"trained_at": "site"}
+        else:
+            nets[cid], stats[cid] = train_local_expert(cfg, ds, part, cid, synth)
+    log_probas = [predict_log_proba(nets[cid], ds.x_test, device, bf16) for cid in part.clients]
+    return product_of_experts(log_probas), stats, nets
 
 
 def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModule], run_dir: Path,
-          timings: dict, report_extra: str = "") -> dict:
+          timings: dict, report_extra: str = "", experts: dict | None = None) -> dict:
     """From the uploaded modules onwards: synthesis, classifier, evaluation, report, results.json."""
     f, progress = cfg["factory"], cfg["runtime"]["progress"]
     t = time.perf_counter()
@@ -151,7 +169,7 @@ def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModul
                        ds.class_names, progress=progress)
     timings["synthesis"] = time.perf_counter() - t
     t = time.perf_counter()
-    log_proba, clf_stats, nets = classify(cfg, ds, part, synth)
+    log_proba, clf_stats, nets = classify(cfg, ds, part, synth, experts)
     for name, net in nets.items():  # the classifiers are the product: keep their weights (safetensors)
         atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", save_safetensors(net.state_dict()))
     if synth.missing_classes:  # a class no module covers is never predicted
@@ -172,7 +190,9 @@ def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModul
                       "sources": synth.sources},
         "classifier": clf_stats,
         "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
-                          "downloaded_bytes": sum(m["bytes"] for m in mods) * len(mods) if cfg["classifier"]["mode"] == "local" else 0},
+                          # local mode: every client downloads the other clients' modules
+                          "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)
+                          if cfg["classifier"]["mode"] == "local" else 0},
     }
     synthetic_vs_real(run_dir / "samples.png", synth.images, synth.labels, ds.x_test, ds.y_test, ds.num_classes)
     confusion_png(run_dir / "confusion.png", metrics["confusion_matrix"], ds.class_names,
