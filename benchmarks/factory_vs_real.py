@@ -1,12 +1,13 @@
-"""Benchmark: the main job on Fashion-MNIST silos against real-data classifiers.
+"""Benchmark: a factory run (default: the main job, Fashion-MNIST silos) against real-data classifiers.
 
-Runs configs/fashion-silos.toml (10 clients, one class each: one diffusion module per class),
-then trains the SAME classifier with the SAME budget on
+Runs a config (default configs/fashion-silos.toml: 10 clients with one class each, so one
+diffusion module per class), then trains the SAME classifier with the SAME budget on
   (b) an equally sized real set (as many real images per class as synthetic ones), and
   (c) the whole real training set (centralized, the upper bound),
 and prints every accuracy, the ratios synthetic/real and server/centralized, and throughput.
 
-    python benchmarks/fashion_silos.py --out runs/bench-fashion [--set module.budget_images=36000]
+    python benchmarks/factory_vs_real.py --out runs/bench-fashion [--set module.budget_images=36000]
+    python benchmarks/factory_vs_real.py --config configs/br35h-silos.toml --out runs/bench-br35h
 """
 
 from __future__ import annotations
