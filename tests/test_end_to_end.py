@@ -83,3 +83,11 @@ def test_removing_a_module_leaves_the_others_byte_identical(digits_npz, tmp_path
     assert without.missing_classes == [2]
     for c in (0, 1, 3):
         assert np.array_equal(full.images[full.labels == c], without.images[without.labels == c])
+
+
+def test_parallel_client_training_gives_the_same_modules(digits_npz, tmp_path):
+    base = toy_overrides(digits_npz) + ["runtime.threads=1"]
+    seq = run(load_config("configs/fashion-silos.toml", base), tmp_path / "seq")
+    par = run(load_config("configs/fashion-silos.toml", base + ["runtime.parallel_clients=2"]), tmp_path / "par")
+    assert [m["sha256"] for m in par["modules"]] == [m["sha256"] for m in seq["modules"]]
+    assert par["metrics"] == seq["metrics"]

@@ -78,7 +78,8 @@ DEFAULTS: dict = {
     "runtime": {
         "device": "auto",   # auto | cpu | cuda
         "bf16": "auto",     # auto (on where it is faster) | on | off
-        "threads": 0,       # torch CPU threads (0 = all cores)
+        "threads": 0,       # torch CPU threads (0 = all cores; with parallel_clients, cores / workers each)
+        "parallel_clients": 1,  # client modules trained at once, in separate processes
         "compile": False,   # torch.compile on GPU
         "progress": True,
     },
@@ -192,7 +193,7 @@ CHOICES = {
     "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
     "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
 }
-POSITIVE = ("baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
+POSITIVE = ("runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "module.budget_images", "module.lr", "module.sample_steps", "factory.per_class",
             "classifier.budget_images", "classifier.batch_size", "classifier.lr")
 

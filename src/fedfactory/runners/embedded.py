@@ -99,18 +99,49 @@ def _reusable(path: Path, cfg: dict, part: Partition, cid: str) -> GenerativeMod
     return m
 
 
+def _train_in_worker(cfg: dict, cid: str, path: str) -> dict:
+    """A client's training in its own process (the sites of a federation are independent)."""
+    setup_runtime(cfg)
+    ds, part = prepare_data(cfg)
+    return train_client(cfg, ds, part, cid).save(path)
+
+
 def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
-    modules = []
-    bar = tqdm(part.clients, desc="client modules", unit="client", disable=not cfg["runtime"]["progress"],
-               dynamic_ncols=True)
-    for cid in bar:
+    """Every client's module, trained here or reused (resume); `runtime.parallel_clients` > 1
+    trains that many clients at once in separate processes, each with its share of the threads."""
+    todo, modules = [], {}
+    for cid in part.clients:
         path = run_dir / "modules" / cid
         m = _reusable(path, cfg, part, cid) if resume and path.exists() else None
         if m is None:
+            todo.append(cid)
+        else:
+            modules[cid] = m
+    rt = cfg["runtime"]
+    bar = tqdm(total=len(todo), desc="client modules", unit="client", disable=not rt["progress"], dynamic_ncols=True)
+    workers = min(rt["parallel_clients"], len(todo))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        sub = {**cfg, "runtime": {**rt, "progress": False,
+                                  "threads": rt["threads"] or max(1, torch.get_num_threads() // workers)}}
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {cid: pool.submit(_train_in_worker, sub, cid, str(run_dir / "modules" / cid)) for cid in todo}
+            for cid in todo:  # registered in client order, whatever order they finish in
+                register(run_dir, futures[cid].result())
+                bar.update(1)
+    else:
+        for cid in todo:
             m = train_client(cfg, ds, part, cid)
-            register(run_dir, m.save(path))
-        modules.append(m)
-    return modules
+            register(run_dir, m.save(run_dir / "modules" / cid))
+            modules[cid] = m
+            bar.update(1)
+    bar.close()
+    for cid in todo:
+        if cid not in modules:
+            modules[cid] = load_module(run_dir / "modules" / cid, rt["device"], rt["bf16"])
+    return [modules[cid] for cid in part.clients]
 
 
 def module_summary(run_dir: Path, modules: list[GenerativeModule]) -> list[dict]:
