@@ -81,12 +81,11 @@ def cmd_unlearn(args) -> int:
 
     results = unlearn(args.run_dir, args.client, out=args.out, reason=args.reason, orphaned=args.orphaned)
     u, m = results["unlearning"], results["metrics"]
-    out = Path(args.out) if args.out else Path(args.run_dir).with_name(f"{Path(args.run_dir).name}-without-{args.client}")
     if u["orphaned_classes"]:
         names = results["dataset"]["class_names"]
         print(f"classes that lost their only module (never predicted now): {', '.join(names[c] for c in u['orphaned_classes'])}")
     print(f"accuracy {u['metrics_before']['accuracy']:.4f} -> {m['accuracy']:.4f}")
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {Path(u['run_dir']) / 'report.md'}")
     return 0
 
 

@@ -141,9 +141,8 @@ class GenerativeModule(ABC):
             if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
                 flip = torch.rand(batch, generator=gen, device=self.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            for g in opt.param_groups:  # linear warm-up, then (optionally) cosine decay to zero
-                decay = 0.5 * (1 + math.cos(math.pi * step / steps)) if cfg.get("lr_decay", False) else 1.0
-                g["lr"] = cfg["lr"] * min(1.0, (step + 1) / warmup) * decay
+            for g in opt.param_groups:  # linear warm-up, then constant (a decay measured worse here)
+                g["lr"] = cfg["lr"] * min(1.0, (step + 1) / warmup)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.loss(net, x, y, gen)
             opt.zero_grad(set_to_none=True)

@@ -53,14 +53,8 @@ class UNet(nn.Module):
     """F(x, c_noise, class) for images of `resolution` px; `num_classes` + 1 labels (the last is null)."""
 
     def __init__(self, resolution: int, in_channels: int, num_classes: int, channels: int = 32,
-                 channel_mult=(1, 2, 2), num_blocks: int = 2, attn_resolutions=(), dropout: float = 0.0,
-                 patch: int = 1):
+                 channel_mult=(1, 2, 2), num_blocks: int = 2, attn_resolutions=(), dropout: float = 0.0):
         super().__init__()
-        # patch > 1 folds p x p pixels into channels first (pixel-unshuffle): the network then runs
-        # at 1/p the resolution with p^2 input channels, far cheaper on CPUs for small images.
-        self.patch = patch
-        in_channels *= patch * patch
-        resolution = math.ceil(resolution / patch)
         self.stride = 2 ** (len(channel_mult) - 1)
         emb = 4 * channels
         self.channels = channels
@@ -107,9 +101,7 @@ class UNet(nn.Module):
         emb = self.map_noise(torch.cat([angle.cos(), angle.sin()], dim=1)) + self.map_label(labels)
         emb = F.silu(emb)
         h, w = x.shape[-2:]
-        step = self.stride * self.patch
-        x = F.pad(x, (0, (-w) % step, 0, (-h) % step))
-        x = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
+        x = self.conv_in(F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride)))
         skips = [x]
         for block in self.down:
             x = self._run(block, x, emb)
@@ -120,5 +112,4 @@ class UNet(nn.Module):
             if isinstance(block, nn.ModuleList):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = self._run(block, x, emb)
-        x = self.out(x)
-        return (F.pixel_shuffle(x, self.patch) if self.patch > 1 else x)[..., :h, :w]
+        return self.out(x)[..., :h, :w]

@@ -192,7 +192,7 @@ def classify(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet,
 
 
 def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModule], run_dir: Path,
-          timings: dict, report_extra: str = "", experts: dict | None = None) -> dict:
+          timings: dict, experts: dict | None = None) -> dict:
     """From the uploaded modules onwards: synthesis, classifier, evaluation, report, results.json."""
     f, progress = cfg["factory"], cfg["runtime"]["progress"]
     t = time.perf_counter()
@@ -229,7 +229,7 @@ def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModul
     confusion_png(run_dir / "confusion.png", metrics["confusion_matrix"], ds.class_names,
                   f"{ds.name} {cfg['classifier']['mode']} mode: accuracy {metrics['accuracy']:.3f}")
     atomic_write_json(run_dir / "results.json", results)
-    write_report(run_dir, results, ds.class_names, report_extra)
+    write_report(run_dir, results, ds.class_names)
     return results
 
 

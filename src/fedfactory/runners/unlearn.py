@@ -11,12 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-from ..config import load_config
+from ..config import dumps, load_config
 from ..errors import FedFactoryError
 from ..modules import load_module
 from ..registry import append_audit, read_registry, verify
-from ..report import METRICS
-from ..utils import atomic_write_json
+from ..report import METRICS, write_report
+from ..utils import atomic_write_json, atomic_write_text
 from .embedded import build, load_results, prepare_data, setup_runtime
 
 
@@ -57,9 +57,6 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     atomic_write_json(out / "registry.json", {"modules": keep})
     append_audit(out, "remove", client=client, sha256=registry["modules"][client]["sha256"], reason=reason,
                  orphaned_classes=orphans, source_run=str(run_dir))
-    from ..config import dumps
-    from ..utils import atomic_write_text
-
     atomic_write_text(out / "config.toml", dumps(cfg))
 
     setup_runtime(cfg)
@@ -67,7 +64,7 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     ds, part = prepare_data(cfg)
     modules = [load_module(out / keep[cid]["path"], cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for cid in part.clients]
     timings = {"data": time.perf_counter() - t}
-    lines = [f"## Unlearning", "",
+    lines = ["## Unlearning", "",
              f"Client **{client}** was removed{f' (reason: {reason})' if reason else ''}; its module "
              f"(SHA-256 `{registry['modules'][client]['sha256'][:16]}`) is not in this run. Everything below was "
              f"rebuilt from the remaining {len(keep)} modules with the original config and seed, which is exactly "
@@ -75,13 +72,11 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     if orphans:
         lines += [f"Classes that lost their only module, now never predicted: "
                   f"**{', '.join(names[c] for c in orphans)}**.", ""]
-    results = build(cfg, ds, part, modules, out, timings, report_extra="")
+    results = build(cfg, ds, part, modules, out, timings)
     lines += ["| metric | before | after |", "|---|---|---|"]
     lines += [f"| {k} | {before['metrics'][k]:.4f} | {results['metrics'][k]:.4f} |" for k in METRICS]
     results["unlearning"] = {"client": client, "reason": reason, "orphaned_classes": orphans, "source_run": str(run_dir),
-                             "metrics_before": {k: before["metrics"][k] for k in METRICS}}
+                             "run_dir": str(out), "metrics_before": {k: before["metrics"][k] for k in METRICS}}
     atomic_write_json(out / "results.json", results)
-    from ..report import write_report
-
     write_report(out, results, names, extra="\n".join(lines))
     return results
