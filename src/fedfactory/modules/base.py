@@ -74,7 +74,7 @@ class GenerativeModule(ABC):
 
     def __init__(self, arch: dict | None = None, train: dict | None = None, client_id: str = "client",
                  seed: int = 0, preset: str = "cpu", device: str = "auto", bf16: str = "auto",
-                 progress: bool = True):
+                 progress: bool = True, compile: bool = False):
         if preset not in self.presets:
             raise FedFactoryError(f"{self.kind}: unknown preset {preset!r}; use one of {', '.join(self.presets)}")
         preset = self.presets[preset]
@@ -84,6 +84,7 @@ class GenerativeModule(ABC):
         self.device = resolve_device(device)
         self.bf16 = use_bf16(self.device, bf16)
         self.progress = progress
+        self.compile = compile  # torch.compile for training, GPU only (slower on this CPU)
         self.classes: list[int] = []   # global class ids this module covers
         self.counts: list[int] = []    # real training images of each
         self.image_shape: tuple[int, int, int] | None = None
@@ -124,6 +125,7 @@ class GenerativeModule(ABC):
             torch.manual_seed(derive_seed(self.seed, self.client_id, "init"))
             net = self.build_network().to(self.device)
         ema = copy.deepcopy(net).requires_grad_(False)
+        train_net = torch.compile(net) if self.compile and self.device.type == "cuda" else net
         opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
         x_all = to_float(images).to(self.device)
         y_all = torch.from_numpy(local).to(self.device)
@@ -144,7 +146,7 @@ class GenerativeModule(ABC):
             for g in opt.param_groups:  # linear warm-up, then constant (a decay measured worse here)
                 g["lr"] = cfg["lr"] * min(1.0, (step + 1) / warmup)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss(net, x, y, gen)
+                loss = self.loss(train_net, x, y, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -74,7 +74,8 @@ def new_module(cfg: dict, client_id: str) -> GenerativeModule:
             if k in cls.presets[m["preset"]]["arch"] and m[k] not in (0, [], [-1], -1.0)}
     train = {k: v for k, v in m.items() if k in cls.presets[m["preset"]]["train"] and not (k == "batch_size" and v == 0)}
     return cls(arch, train, client_id=client_id, seed=cfg["seed"], preset=m["preset"],
-               device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"], progress=cfg["runtime"]["progress"])
+               device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"], progress=cfg["runtime"]["progress"],
+               compile=cfg["runtime"]["compile"])
 
 
 def train_client(cfg: dict, ds: Dataset, part: Partition, client_id: str) -> GenerativeModule:
