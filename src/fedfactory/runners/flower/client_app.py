@@ -3,7 +3,7 @@ In local mode a second message brings the other sites' modules; the site trains 
 classifier on its own images plus synthetic images of the classes it lacks, and replies with it.
 
 Node config (flower-supernode --node-config): partition-id (int) picks this site's share of the
-configured partition; data-root (str, optional) is where this site keeps the data set; keep-dir
+configured partition (num-partitions, if given, must match partition.clients); data-root (str, optional) is where this site keeps the data set; keep-dir
 (str, optional) keeps a copy of the uploaded module at the site.
 """
 
@@ -39,6 +39,10 @@ def train(msg: Message, context: Context) -> Message:
     if "partition-id" not in node:
         raise FedFactoryError("this SuperNode has no partition-id in its --node-config")
     cid = client_id(int(node["partition-id"]))
+    if ("num-partitions" in node and cfg["partition"]["scheme"] != "natural"
+            and int(node["num-partitions"]) != cfg["partition"]["clients"]):
+        raise FedFactoryError(f"this SuperNode expects {node['num-partitions']} partitions, "
+                              f"the run config has partition.clients = {cfg['partition']['clients']}")
     setup_runtime(cfg)
     ds, part = prepare_data(cfg)
     if cid not in part.indices:
