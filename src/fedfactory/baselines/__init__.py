@@ -16,7 +16,6 @@ from ..classify import build_classifier, predict_log_proba, product_of_experts, 
 from ..classify.augment import augment
 from ..data import Dataset, Partition
 from ..errors import FedFactoryError
-from ..evaluate import evaluate
 from ..modules.base import resolve_device, to_float, use_bf16
 from ..utils import derive_seed
 from .averaging import ALGORITHMS, FLClient, federated_training, state_bytes
