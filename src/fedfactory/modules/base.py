@@ -56,15 +56,11 @@ def use_bf16(device: torch.device, setting: str = "auto") -> bool:
         return setting == "on"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")) or \
-        "amx" in _cpu_flags()
-
-
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
+    try:  # native bf16 units only: elsewhere bf16 is emulated and slower than fp32
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 class GenerativeModule(ABC):
