@@ -234,11 +234,17 @@ def build(cfg: dict, ds: Dataset, part: Partition, modules: list[GenerativeModul
     return results
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Never write over a finished or half-finished run: that would lose work."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FedFactoryError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
 def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     """The whole pipeline, writing into run_dir; `resume` reuses verified modules already there."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FedFactoryError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if not resume:
+        check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.toml").exists():
         old = (run_dir / "config.toml").read_text()

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ...errors import FedFactoryError
+from ..embedded import check_new_run_dir
 
 APP_DIR = Path(__file__).parent / "app"
 
@@ -110,8 +111,7 @@ def federate(config: str | Path, num_nodes: int, out: str | Path, overrides: lis
              node_configs: list[dict] | None = None, timeout: float = 3600, wait_timeout: float = 120) -> dict:
     """Run the one-shot federation over Flower on this machine; raises if the run did not complete."""
     out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FedFactoryError(f"{out} already holds a run: choose another --out")
+    check_new_run_dir(out)
     for o in overrides:
         if ";" in o:
             raise FedFactoryError(f"--set values may not contain ';': {o!r}")

@@ -23,7 +23,8 @@ from ...errors import FedFactoryError
 from ...modules import load_module
 from ...modules.fileformat import write_module_dir
 from ...registry import register
-from ..embedded import build, prepare_data, setup_runtime
+from ...utils import atomic_write_text
+from ..embedded import build, check_new_run_dir, prepare_data, setup_runtime
 from .messages import config_content, read_module, read_weights_blob
 
 app = ServerApp()
@@ -115,10 +116,9 @@ def main(grid: Grid, context: Context) -> None:
     overrides = [o for o in str(rc.get("overrides", "")).split(";") if o.strip()]
     cfg = load_config(str(rc["config"]), overrides)
     out = Path(str(rc["out"]))
-    if out.exists() and any(out.iterdir()):
-        raise RuntimeError(f"{out} already holds a run")
+    check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(dumps(cfg))
+    atomic_write_text(out / "config.toml", dumps(cfg))
     setup_runtime(cfg)
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["wait-timeout"]))
     t = time.perf_counter()
