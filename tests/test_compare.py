@@ -25,6 +25,9 @@ def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, 
     assert (tmp_path / "cmp/comparison.png").stat().st_size > 0
     curve = json.loads((tmp_path / "cmp/fedavg/seed-1/results.json").read_text())["details"]["learning_curve"]
     assert [p["round"] for p in curve] == [1, 2]
+    assert [p["round"] for p in summary["methods"]["scaffold"]["learning_curve"]] == [1, 2]
+    assert "learning_curve" not in summary["methods"]["factory"]
+    assert (tmp_path / "cmp/learning_curves.png").stat().st_size > 0
     # finished pairs are skipped: a re-run touches no results file
     stamp = (tmp_path / "cmp/fedavg/seed-1/results.json").stat().st_mtime_ns
     assert main(args) == 0

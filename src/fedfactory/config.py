@@ -65,6 +65,7 @@ DEFAULTS: dict = {
         "lr": 0.05,
         "weight_decay": 5e-4,
         "augment": "auto",      # auto (by data set) | natural | dihedral | none
+        "blur": 0.0,            # random Gaussian blur, sigma ~ U(0, blur) px (0 = off): against generator artifacts
     },
     "baselines": {               # weight-averaging baselines on the same partition and classifier
         "rounds": 30,

@@ -67,7 +67,7 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
                 order = np.random.default_rng(derive_seed(seed, method, cid, r, e)).permutation(len(idx))
                 for i in range(0, len(order), c["batch_size"]):
                     sel = torch.from_numpy(order[i : i + c["batch_size"]]).to(device)
-                    yield augment(x_all[sel], policy, gen), y_all[sel]
+                    yield augment(x_all[sel], policy, gen, c["blur"]), y_all[sel]
         return FLClient(cid, len(idx), batches)
 
     def loss_fn(model, x, y):

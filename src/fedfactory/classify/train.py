@@ -57,7 +57,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=not progress, leave=False, dynamic_ncols=True)
     for _ in bar:
         idx = torch.from_numpy(np.minimum(np.searchsorted(cdf, rng.random(batch)), len(cdf) - 1)).to(device)
-        x = augment(x_all[idx], augment_policy, gen)
+        x = augment(x_all[idx], augment_policy, gen, cfg["blur"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(net(x).float(), y_all[idx])
         opt.zero_grad(set_to_none=True)

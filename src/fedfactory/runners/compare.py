@@ -52,6 +52,10 @@ def _summary(runs: list[dict]) -> dict:
     out["uploaded_bytes"] = int(np.mean([c.get("uploaded_bytes", 0) for c in comm]))
     out["downloaded_bytes"] = int(np.mean([c.get("downloaded_bytes", 0) for c in comm]))
     out["wall_seconds"] = float(np.mean([sum(r["timings"].values()) for r in runs]))
+    curves = [r.get("details", {}).get("learning_curve") for r in runs]
+    if all(curves):  # test accuracy after each evaluated round, mean over seeds
+        out["learning_curve"] = [{"round": pts[0]["round"], "accuracy": float(np.mean([p["accuracy"] for p in pts]))}
+                                 for pts in zip(*curves)]
     return out
 
 
@@ -77,6 +81,7 @@ def compare(cfg: dict, methods: list[str], seeds: list[int], out: str | Path) ->
     atomic_write_json(out / "comparison.json", summary)
     _write_markdown(out, summary)
     _bar_chart(out, summary)
+    _learning_curves(out, summary)
     return summary
 
 
@@ -99,17 +104,34 @@ def _write_markdown(out: Path, s: dict) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) +
                      f" | {m['rounds']} | {_fmt_bytes(m['uploaded_bytes'])} | {_fmt_bytes(m['downloaded_bytes'])} | {m['wall_seconds']:.0f} |")
     lines += ["", "![accuracy by method](comparison.png)", ""]
+    if any("learning_curve" in m for m in s["methods"].values()):
+        lines += ["![test accuracy by round](learning_curves.png)", ""]
     atomic_write_text(out / "comparison.md", "\n".join(lines))
 
 
-def _bar_chart(out: Path, s: dict) -> None:
+def _save(fig, path: Path) -> None:
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _bar_chart(out: Path, s: dict) -> None:
+    plt = _pyplot()
     names = list(s["methods"])
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 3.5), dpi=100)
@@ -121,8 +143,26 @@ def _bar_chart(out: Path, s: dict) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"{s['config']['data']['name']}, {s['config']['partition']['scheme']}", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out / "comparison.png", buf.getvalue())
+    _save(fig, out / "comparison.png")
+
+
+def _learning_curves(out: Path, s: dict) -> None:
+    """Averaging methods' test accuracy by round; one-shot methods as horizontal lines."""
+    curves = {n: m["learning_curve"] for n, m in s["methods"].items() if "learning_curve" in m}
+    if not curves:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    for name, pts in curves.items():
+        ax.plot([p["round"] for p in pts], [p["accuracy"] for p in pts], marker=".", label=name)
+    for name, m in s["methods"].items():
+        if name not in curves:
+            ax.axhline(m["accuracy"]["mean"], ls="--", lw=1, color="grey")
+            ax.annotate(name, (0, m["accuracy"]["mean"]), xycoords=("axes fraction", "data"), fontsize=7,
+                        va="bottom", color="dimgrey")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{s['config']['data']['name']}, {s['config']['partition']['scheme']}", fontsize=9)
+    _save(fig, out / "learning_curves.png")
