@@ -44,12 +44,27 @@ def synthetic_vs_real(path: Path, synth_x, synth_y, real_x, real_y, num_classes:
     save_png(path, sample_grid(rows), scale=max(1, 64 // size))
 
 
-def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title: str) -> None:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure as PNG atomically and free it."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title: str) -> None:
+    plt = pyplot()
     cm = np.asarray(cm)
     n = len(cm)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n), dpi=100)
@@ -64,11 +79,7 @@ def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall")

@@ -17,8 +17,8 @@ from .. import __version__
 from ..baselines import METHODS, run_baseline
 from ..errors import FedFactoryError
 from ..evaluate import evaluate
-from ..report import METRICS
-from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..report import METRICS, pyplot, save_figure
+from ..utils import atomic_write_json, atomic_write_text
 from .embedded import prepare_data, run, setup_runtime
 
 ALL_METHODS = ("factory", *METHODS)
@@ -109,29 +109,8 @@ def _write_markdown(out: Path, s: dict) -> None:
     atomic_write_text(out / "comparison.md", "\n".join(lines))
 
 
-def _save(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _bar_chart(out: Path, s: dict) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(s["methods"])
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 3.5), dpi=100)
@@ -143,7 +122,7 @@ def _bar_chart(out: Path, s: dict) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"{s['config']['data']['name']}, {s['config']['partition']['scheme']}", fontsize=9)
-    _save(fig, out / "comparison.png")
+    save_figure(fig, out / "comparison.png")
 
 
 def _learning_curves(out: Path, s: dict) -> None:
@@ -151,7 +130,7 @@ def _learning_curves(out: Path, s: dict) -> None:
     curves = {n: m["learning_curve"] for n, m in s["methods"].items() if "learning_curve" in m}
     if not curves:
         return
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
     for name, pts in curves.items():
         ax.plot([p["round"] for p in pts], [p["accuracy"] for p in pts], marker=".", label=name)
@@ -165,4 +144,4 @@ def _learning_curves(out: Path, s: dict) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"{s['config']['data']['name']}, {s['config']['partition']['scheme']}", fontsize=9)
-    _save(fig, out / "learning_curves.png")
+    save_figure(fig, out / "learning_curves.png")
