@@ -20,6 +20,7 @@ def test_defaults_and_overrides(tmp_path):
     ("partition.clients=three", ["integer"]),
     ("classifier.mode=global", ["server", "local"]),
     ("factory.per_class=0", ["> 0"]),
+    ("module.sigma_min=-0.1", ["module.sigma_min", ">= 0"]),
     ("nokey", ["key=value"]),
 ])
 def test_bad_overrides_name_the_key(override, words):

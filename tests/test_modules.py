@@ -141,6 +141,22 @@ def test_heun_sampler_converges_for_a_gaussian():
     assert errors[2] < 0.01 and errors[3] < 0.001
 
 
+def test_heun_sampler_stops_at_sigma_min_with_the_denoised_image():
+    # Stopping at sigma_min returns the posterior mean D(x(sigma_min); sigma_min), which for
+    # N(0, s^2) data is the exact ODE point x(sigma_min) = 80 sqrt(s^2 + sigma_min^2) / sqrt(s^2 + 80^2)
+    # shrunk by s^2 / (s^2 + sigma_min^2); and no network call goes below sigma_min.
+    s, sigma_min, calls = 0.5, 0.2, []
+
+    def D(x, sigma):
+        calls.append(float(sigma))
+        return x * s**2 / (s**2 + sigma**2)
+
+    out = heun_sampler(D, torch.ones(1, 1, 1, 1), steps=200, sigma_min=sigma_min).item()
+    exact = 80 * s**2 / ((s**2 + sigma_min**2) ** 0.5 * (s**2 + 80**2) ** 0.5)
+    assert abs(out - exact) < 1e-3
+    assert len(calls) == 2 * 200 - 1 and min(calls) == pytest.approx(sigma_min) and max(calls) == pytest.approx(80)
+
+
 def test_presets_sizes():
     def params(preset, res, ch):
         m = DiffusionModule(preset=preset, progress=False)

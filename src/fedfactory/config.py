@@ -48,6 +48,7 @@ DEFAULTS: dict = {
         "ema_halflife_images": 10000,
         "label_dropout": 0.0,  # > 0 trains an unconditional branch for classifier-free guidance
         "sample_steps": 10,    # Heun steps: 2 * steps - 1 network calls per image
+        "sigma_min": 0.0,      # noise level where sampling stops and returns D(x; sigma_min) (0 = preset)
         "guidance": 1.0,       # classifier-free guidance weight (1 = off)
     },
     "factory": {
@@ -197,6 +198,7 @@ CHOICES = {
 POSITIVE = ("runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "module.budget_images", "module.lr", "module.sample_steps", "factory.per_class",
             "classifier.budget_images", "classifier.batch_size", "classifier.lr")
+NON_NEGATIVE = ("module.sigma_min", "classifier.blur")
 
 
 def get(cfg: dict, key: str):
@@ -213,6 +215,9 @@ def validate(cfg: dict) -> None:
     for key in POSITIVE:
         if get(cfg, key) <= 0:
             raise FedFactoryError(f"config key {key!r} must be > 0; got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise FedFactoryError(f"config key {key!r} must be >= 0; got {get(cfg, key)!r}")
 
 
 def dumps(cfg: dict) -> str:

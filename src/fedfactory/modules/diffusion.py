@@ -10,7 +10,7 @@ from .unet import UNet
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2                 # log-normal training noise (EDM Table 1)
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # sampling schedule
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # sampling schedule (sigma_min is per preset, below)
 
 
 def denoise(net, x, sigma, labels):
@@ -32,10 +32,11 @@ def edm_loss(net, y, labels, gen):
     return (weight.reshape(-1, 1, 1, 1) * (d - y) ** 2).mean()
 
 
-def heun_sampler(D, latents, steps):
-    """Deterministic 2nd-order Heun sampler (EDM Algorithm 1, S_churn = 0): 2 * steps - 1 calls."""
+def heun_sampler(D, latents, steps, sigma_min=SIGMA_MIN):
+    """Deterministic 2nd-order Heun sampler (EDM Algorithm 1, S_churn = 0): 2 * steps - 1 calls.
+    The last step, from sigma_min to 0, is Euler: it returns D(x; sigma_min)."""
     i = torch.arange(steps, dtype=torch.float64, device=latents.device)
-    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (sigma_min ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
     t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])  # t_N = 0
     x = latents.double() * t[0]
     for t_cur, t_next in zip(t[:-1], t[1:]):
@@ -56,13 +57,16 @@ class DiffusionModule(GenerativeModule):
                          "dropout": 0.0},
                 "train": {"budget_images": 36_000, "batch_size": 64, "lr": 2e-3, "ema_halflife_images": 10_000,
                           "warmup_images": 5_000, "label_dropout": 0.0, "hflip": False,
-                          "sample_steps": 10, "guidance": 1.0}},
+                          # Stopping at sigma 0.2 (the last step returns D(x; 0.2)) drops the spurious fine
+                          # texture a small 10-step model paints below it: high-frequency energy 1.14x ->
+                          # 0.96x real, synthetic-trained accuracy 0.807 -> 0.823 (benchmarks/README.md).
+                          "sample_steps": 10, "sigma_min": 0.2, "guidance": 1.0}},
         # ~50M parameters, the paper's scale: 128 channels, 4 levels, attention at 16 and 8 px.
         "gpu": {"arch": {"channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [16, 8],
                          "dropout": 0.1},
                 "train": {"budget_images": 5_000_000, "batch_size": 256, "lr": 1e-3, "ema_halflife_images": 500_000,
                           "warmup_images": 200_000, "label_dropout": 0.0, "hflip": False,
-                          "sample_steps": 18, "guidance": 1.0}},
+                          "sample_steps": 18, "sigma_min": SIGMA_MIN, "guidance": 1.0}},
     }
 
     def build_network(self):
@@ -92,4 +96,5 @@ class DiffusionModule(GenerativeModule):
             cond, uncond = both.chunk(2)
             return (uncond + g * (cond - uncond)).double()
 
-        return heun_sampler(D, latents, int(self.train_cfg["sample_steps"])).clamp(-1, 1)
+        steps, sigma_min = int(self.train_cfg["sample_steps"]), float(self.train_cfg["sigma_min"])
+        return heun_sampler(D, latents, steps, sigma_min).clamp(-1, 1)

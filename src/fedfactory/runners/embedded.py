@@ -72,7 +72,8 @@ def new_module(cfg: dict, client_id: str) -> GenerativeModule:
     cls = module_kinds()[m["kind"]]
     arch = {k: m[k] for k in ("channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
             if k in cls.presets[m["preset"]]["arch"] and m[k] not in (0, [], [-1], -1.0)}
-    train = {k: v for k, v in m.items() if k in cls.presets[m["preset"]]["train"] and not (k == "batch_size" and v == 0)}
+    train = {k: v for k, v in m.items() if k in cls.presets[m["preset"]]["train"]
+             and not (k in ("batch_size", "sigma_min") and v == 0)}  # 0 = the preset's value
     return cls(arch, train, client_id=client_id, seed=cfg["seed"], preset=m["preset"],
                device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"], progress=cfg["runtime"]["progress"],
                compile=cfg["runtime"]["compile"])
