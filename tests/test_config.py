@@ -44,3 +44,15 @@ def test_configs_shipped_are_valid():
     assert len(files) >= 2
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "cvae"])
+def test_module_keys_left_at_zero_take_the_presets_values(kind):
+    from fedfactory.modules.base import module_kinds
+    from fedfactory.runners.embedded import new_module
+
+    for preset in ("cpu", "gpu"):
+        module = new_module(load_config(None, [f"module.kind={kind}", f"module.preset={preset}"]), "c")
+        assert module.train_cfg == module_kinds()[kind].presets[preset]["train"]
+    module = new_module(load_config(None, [f"module.kind={kind}", "module.preset=gpu", "module.lr=0.01"]), "c")
+    assert module.train_cfg["lr"] == 0.01

@@ -42,13 +42,14 @@ DEFAULTS: dict = {
         "num_blocks": 0,      # residual blocks per level (0 = preset)
         "attn_resolutions": [-1],  # pixel sizes with self-attention ([-1] = preset)
         "dropout": -1.0,      # (-1 = preset)
-        "budget_images": 80000,  # training images seen per module
-        "batch_size": 0,      # 0 = preset
-        "lr": 2e-3,
-        "ema_halflife_images": 10000,
+        # Training and sampling: 0 = the preset's value (module kinds and presets differ).
+        "budget_images": 0,    # training images seen per module
+        "batch_size": 0,
+        "lr": 0.0,             # Adam
+        "ema_halflife_images": 0,
         "label_dropout": 0.0,  # > 0 trains an unconditional branch for classifier-free guidance
-        "sample_steps": 10,    # Heun steps: 2 * steps - 1 network calls per image
-        "sigma_min": 0.0,      # noise level where sampling stops and returns D(x; sigma_min) (0 = preset)
+        "sample_steps": 0,     # Heun steps: 2 * steps - 1 network calls per image (diffusion)
+        "sigma_min": 0.0,      # noise level where sampling stops and returns D(x; sigma_min) (diffusion)
         "guidance": 1.0,       # classifier-free guidance weight (1 = off)
     },
     "factory": {
@@ -196,9 +197,9 @@ CHOICES = {
     "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
 }
 POSITIVE = ("runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
-            "module.budget_images", "module.lr", "module.sample_steps", "factory.per_class",
-            "classifier.budget_images", "classifier.batch_size", "classifier.lr")
-NON_NEGATIVE = ("module.sigma_min", "classifier.blur")
+            "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
+NON_NEGATIVE = ("module.budget_images", "module.batch_size", "module.lr", "module.ema_halflife_images",
+                "module.sample_steps", "module.sigma_min", "classifier.blur")
 
 
 def get(cfg: dict, key: str):

@@ -67,13 +67,16 @@ def prepare_data(cfg: dict) -> tuple[Dataset, Partition]:
     return ds, part
 
 
+# Module config keys whose 0 means "the preset's value": the cpu and gpu presets differ here.
+FROM_PRESET_IF_ZERO = ("budget_images", "batch_size", "lr", "ema_halflife_images", "sample_steps", "sigma_min")
+
+
 def new_module(cfg: dict, client_id: str) -> GenerativeModule:
     m = cfg["module"]
     cls = module_kinds()[m["kind"]]
     arch = {k: m[k] for k in ("channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
             if k in cls.presets[m["preset"]]["arch"] and m[k] not in (0, [], [-1], -1.0)}
-    train = {k: v for k, v in m.items() if k in cls.presets[m["preset"]]["train"]
-             and not (k in ("batch_size", "sigma_min") and v == 0)}  # 0 = the preset's value
+    train = {k: v for k, v in m.items() if k in cls.presets[m["preset"]]["train"] and not (k in FROM_PRESET_IF_ZERO and v == 0)}
     return cls(arch, train, client_id=client_id, seed=cfg["seed"], preset=m["preset"],
                device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"], progress=cfg["runtime"]["progress"],
                compile=cfg["runtime"]["compile"])
