@@ -30,7 +30,7 @@ def digits_npz(tmp_path_factory):
 def toy_overrides(npz, mode="server", scheme="silos", clients=4):
     return [f"data.name='npz:{npz}'", f"partition.scheme='{scheme}'", f"partition.clients={clients}",
             "module.channels=8", "module.channel_mult=[1, 2]", "module.num_blocks=1",
-            "module.budget_images=256", "module.batch_size=32", "module.sample_steps=3",
+            "module.budget_images=2048", "module.batch_size=32", "module.sample_steps=3",
             "factory.per_class=40", "classifier.budget_images=2048", "classifier.batch_size=64",
             "classifier.width=8", f"classifier.mode='{mode}'", "runtime.progress=false", "runtime.parallel_clients=1"]
 
