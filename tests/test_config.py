@@ -47,12 +47,29 @@ def test_configs_shipped_are_valid():
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "cvae"])
-def test_module_keys_left_at_zero_take_the_presets_values(kind):
+def test_module_keys_left_out_take_the_presets_values(kind):
     from fedfactory.modules.base import module_kinds
-    from fedfactory.runners.embedded import new_module
+    from fedfactory.site import new_module
 
     for preset in ("cpu", "gpu"):
         module = new_module(load_config(None, [f"module.kind={kind}", f"module.preset={preset}"]), "c")
         assert module.train_cfg == module_kinds()[kind].presets[preset]["train"]
     module = new_module(load_config(None, [f"module.kind={kind}", "module.preset=gpu", "module.lr=0.01"]), "c")
     assert module.train_cfg["lr"] == 0.01
+
+
+def test_module_keys_are_absent_unless_set_and_checked_when_set():
+    from fedfactory.config import dumps, load_config_text
+    from fedfactory.errors import FedFactoryError
+    from fedfactory.site import new_module
+
+    cfg = load_config(None)
+    assert set(cfg["module"]) == {"kind", "preset"}
+    assert load_config_text(dumps(cfg)) == cfg  # a resolved config round-trips without the unset keys
+    assert load_config(None, ["module.budget_images=500"])["module"]["budget_images"] == 500
+    with pytest.raises(FedFactoryError, match="module.budget_images.*> 0"):
+        load_config(None, ["module.budget_images=0"])
+    with pytest.raises(FedFactoryError, match="does not apply to module kind 'cvae'"):
+        new_module(load_config(None, ["module.kind=cvae", "module.sigma_min=0.5"]), "c")
+    with pytest.raises(FedFactoryError, match="data.classes"):
+        load_config(None, ["data.classes=['a', 'a']"])

@@ -38,11 +38,7 @@ def cmd_run(args) -> int:
     from .runners.embedded import run
 
     cfg = load_config(args.config, args.set)
-    results = run(cfg, args.out, resume=args.resume)
-    m = results["metrics"]
-    print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  "
-          f"AUROC {m['auroc']:.4f}  F1 {m['f1']:.4f}")
-    print(f"report: {Path(args.out) / 'report.md'}")
+    _print_metrics(run(cfg, args.out, resume=args.resume), args.out)
     return 0
 
 
@@ -67,12 +63,59 @@ def cmd_federate(args) -> int:
     from .config import load_config
     from .runners.flower.federation import federate
 
-    load_config(args.config, args.set)  # fail fast, here, on a bad config or key
-    result = federate(args.config, args.nodes, args.out, overrides=args.set, timeout=args.timeout)
+    cfg = load_config(args.config, args.set)  # fail fast, here, on a bad config or key
+    if args.data:
+        node_configs = [{"data": str(Path(d).resolve())} for d in args.data]
+    else:
+        node_configs = None
+        if args.nodes != cfg["partition"]["clients"] and cfg["partition"]["scheme"] != "natural":
+            raise FedFactoryError(f"--nodes {args.nodes}: each simulated site is one of partition.clients = "
+                                  f"{cfg['partition']['clients']}; pass --nodes {cfg['partition']['clients']} "
+                                  "(or --set partition.clients=N), or give each site its own folder with --data")
+    nodes = len(args.data) if args.data else args.nodes
+    if not nodes:
+        raise FedFactoryError("give --nodes N (simulated sites) or --data DIR [DIR ...] (one site per folder)")
+    result = federate(args.config, nodes, args.out, overrides=args.set, node_configs=node_configs,
+                      timeout=args.timeout, test=args.test)
     m = json.loads((Path(args.out) / "results.json").read_text())["metrics"]
     print(f"Flower run {result['run_id']}: {result['status']}")
     print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  AUROC {m['auroc']:.4f}")
     print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _print_metrics(results: dict, out) -> None:
+    m = results["metrics"]
+    print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  "
+          f"AUROC {m['auroc']:.4f}  F1 {m['f1']:.4f}")
+    print(f"report: {Path(out) / 'report.md'}")
+
+
+def cmd_site_train(args) -> int:
+    from .config import load_config
+    from .runners.files import site_train
+
+    m = site_train(load_config(args.config, args.set), args.data, args.out, args.client_id)
+    print(f"{m.client_id}: module of classes {m.classes} ({sum(m.counts)} images) in {args.out}, "
+          f"SHA-256 {m.saved_manifest['weights_sha256'][:16]}")
+    return 0
+
+
+def cmd_site_expert(args) -> int:
+    from .config import load_config
+    from .runners.files import site_expert
+
+    site_expert(load_config(args.config, args.set), args.data, args.modules, args.out, args.client_id)
+    print(f"{args.client_id}: expert classifier in {args.out}")
+    return 0
+
+
+def cmd_server_build(args) -> int:
+    from .config import load_config
+    from .runners.files import server_build
+
+    results = server_build(load_config(args.config, args.set), args.modules, args.test, args.out, args.experts)
+    _print_metrics(results, args.out)
     return 0
 
 
@@ -136,11 +179,45 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("federate", help="run the one-shot federation over Flower: a SuperLink and N SuperNodes here")
     s.add_argument("config")
-    s.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (one per client)")
+    s.add_argument("--nodes", type=int, default=0, help="simulated sites: SuperNodes holding shares of the config's data set")
+    s.add_argument("--data", nargs="+", default=[], metavar="DIR",
+                   help="or one SuperNode per site folder (class folders, a CSV of path,label, or an .npz)")
+    s.add_argument("--test", default="", help="the server's test set (folder, CSV, .npz or data set name; "
+                   "default: the config's data set's test split)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--timeout", type=float, default=7200, help="seconds the clients may take to train")
     s.set_defaults(func=cmd_federate)
+
+    site = sub.add_parser("site", help="what a site does with its own data: train its module (or its expert)")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    s = site_sub.add_parser("train", help="train this site's generative module from its own data only")
+    s.add_argument("--config", required=True)
+    s.add_argument("--data", required=True, help="the site's images: class folders, a CSV of path,label, or an .npz")
+    s.add_argument("--out", required=True, help="the module folder to write (its name is the client id by default)")
+    s.add_argument("--client-id", default="", help="this site's client id (default: the --out folder's name)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.set_defaults(func=cmd_site_train)
+    s = site_sub.add_parser("expert", help="local mode: this site's expert classifier from its data and the others' modules")
+    s.add_argument("--config", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--modules", nargs="+", required=True, metavar="DIR", help="the other sites' module folders")
+    s.add_argument("--client-id", required=True, help="this site's client id")
+    s.add_argument("--out", required=True, help="the expert file to write (.safetensors)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.set_defaults(func=cmd_site_expert)
+
+    server = sub.add_parser("server", help="what the server does with the sites' modules: factory, classifier, report")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    s = server_sub.add_parser("build", help="build the run from module folders gathered in any way")
+    s.add_argument("--config", required=True)
+    s.add_argument("--modules", nargs="+", required=True, metavar="DIR", help="the sites' module folders")
+    s.add_argument("--test", default="", help="the test set: class folders, a CSV, an .npz, or a data set name "
+                   "(default: the config's data set's test split)")
+    s.add_argument("--experts", nargs="*", default=[], metavar="FILE", help="local mode: the sites' expert files")
+    s.add_argument("--out", required=True, help="the run folder")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.set_defaults(func=cmd_server_build)
 
     s = sub.add_parser("unlearn", help="forget a client exactly: rebuild the run without its module")
     s.add_argument("run_dir")

@@ -18,6 +18,16 @@ import tomli_w
 
 from .errors import FedFactoryError
 
+class FromPreset:
+    """The default of a key whose absence means "the module preset's value"; `example` gives its type."""
+
+    def __init__(self, example):
+        self.example = example
+
+    def __repr__(self):
+        return "<the preset's value>"
+
+
 DEFAULTS: dict = {
     "seed": 0,
     "data": {
@@ -27,6 +37,10 @@ DEFAULTS: dict = {
         "download": False,   # MedMNIST: download a missing file with the medmnist package
         "train_per_class": 0,  # cap on real training images per class (0 = all): toy runs and tests
         "test_per_class": 0,   # cap on test images per class (0 = all)
+        # The federation's class list: a class's global id is its place here. Sites name their
+        # class folders (or CSV labels) after it. Empty = the data set's own class names.
+        "classes": [],
+        "channels": 0,       # site folders: 1 (grey) or 3 (colour); 0 = grey if every image is grey
     },
     "partition": {
         "scheme": "silos",   # silos | pathological:<k> | dirichlet:<alpha> | iid | natural
@@ -35,22 +49,26 @@ DEFAULTS: dict = {
         "exclude": [],       # client ids left out of the federation (e.g. to check unlearning)
     },
     "module": {
+        # Every module key is optional: a key left out takes the module preset's value (kinds and
+        # presets differ; see modules/diffusion.py and modules/cvae.py).
         "kind": "diffusion",  # diffusion | cvae
         "preset": "cpu",      # cpu | gpu: architecture and batch size
-        "channels": 0,        # U-Net base channels (0 = preset)
-        "channel_mult": [],   # per resolution level (empty = preset)
-        "num_blocks": 0,      # residual blocks per level (0 = preset)
-        "attn_resolutions": [-1],  # pixel sizes with self-attention ([-1] = preset)
-        "dropout": -1.0,      # (-1 = preset)
-        # Training and sampling: 0 = the preset's value (module kinds and presets differ).
-        "budget_images": 0,    # training images seen per module
-        "batch_size": 0,
-        "lr": 0.0,             # Adam
-        "ema_halflife_images": 0,
-        "label_dropout": 0.0,  # > 0 trains an unconditional branch for classifier-free guidance
-        "sample_steps": 0,     # Heun steps: 2 * steps - 1 network calls per image (diffusion)
-        "sigma_min": 0.0,      # noise level where sampling stops and returns D(x; sigma_min) (diffusion)
-        "guidance": 1.0,       # classifier-free guidance weight (1 = off)
+        "channels": FromPreset(0),         # U-Net base channels
+        "channel_mult": FromPreset([]),    # per resolution level
+        "num_blocks": FromPreset(0),       # residual blocks per level
+        "attn_resolutions": FromPreset([]),  # pixel sizes with self-attention
+        "dropout": FromPreset(0.0),
+        "budget_images": FromPreset(0),    # training images seen per module
+        "batch_size": FromPreset(0),
+        "lr": FromPreset(0.0),             # Adam
+        "warmup_images": FromPreset(0),    # linear learning-rate warm-up
+        "ema_halflife_images": FromPreset(0),
+        "hflip": FromPreset(False),        # random horizontal flips (mirror-symmetric data only)
+        "label_dropout": FromPreset(0.0),  # > 0 trains an unconditional branch for classifier-free guidance
+        "sample_steps": FromPreset(0),     # Heun steps: 2 * steps - 1 network calls per image (diffusion)
+        "sigma_min": FromPreset(0.0),      # noise level where sampling stops and returns D(x; sigma_min)
+        "guidance": FromPreset(0.0),       # classifier-free guidance weight (1 = off)
+        "latent": FromPreset(0),           # cvae latent size
     },
     "factory": {
         "per_class": 1000,         # synthetic images per class
@@ -68,6 +86,7 @@ DEFAULTS: dict = {
         "weight_decay": 5e-4,
         "augment": "auto",      # auto (by data set) | natural | dihedral | none
         "blur": 0.0,            # random Gaussian blur, sigma ~ U(0, blur) px (0 = off): against generator artifacts
+        "missing_experts": "error",  # local mode, a site sent no expert: error | drop (Product of the others)
     },
     "baselines": {               # weight-averaging baselines on the same partition and classifier
         "rounds": 30,
@@ -104,6 +123,8 @@ def _unknown(key: str) -> FedFactoryError:
 
 def _coerce(key: str, value, default):
     """Check a value against its default's type; ints are accepted where floats are expected."""
+    if isinstance(default, FromPreset):
+        default = default.example
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise FedFactoryError(f"config key {key!r} must be true or false, got {value!r}")
@@ -161,6 +182,16 @@ def set_value(cfg: dict, assignment: str) -> None:
     node[leaf] = _coerce(key, _parse_value(text.strip()), default[leaf])
 
 
+def _drop_unset(cfg: dict) -> dict:
+    """Keys still holding their FromPreset default leave the config: the preset decides them."""
+    for k, v in list(cfg.items()):
+        if isinstance(v, FromPreset):
+            del cfg[k]
+        elif isinstance(v, dict):
+            _drop_unset(v)
+    return cfg
+
+
 def load_config_text(text: str) -> dict:
     """A config from TOML text (as the Flower ServerApp sends it)."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -168,7 +199,7 @@ def load_config_text(text: str) -> dict:
         _merge(cfg, tomllib.loads(text))
     except tomllib.TOMLDecodeError as e:
         raise FedFactoryError(f"config is not valid TOML: {e}") from None
-    validate(cfg)
+    validate(_drop_unset(cfg))
     return cfg
 
 
@@ -185,26 +216,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
         _merge(cfg, data)
     for o in overrides:
         set_value(cfg, o)
-    validate(cfg)
+    validate(_drop_unset(cfg))
     return cfg
 
 
 CHOICES = {
     "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu"),
     "factory.aggregation": ("weighted", "uniform"), "factory.missing_classes": ("error", "drop"),
+    "classifier.missing_experts": ("error", "drop"), "data.channels": (0, 1, 3),
     "classifier.mode": ("server", "local"), "classifier.preset": ("cpu", "gpu"),
     "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
     "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
 }
 POSITIVE = ("runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
-NON_NEGATIVE = ("module.budget_images", "module.batch_size", "module.lr", "module.ema_halflife_images",
-                "module.sample_steps", "module.sigma_min", "classifier.blur")
+# Module keys are checked only when set (absent = the preset's value).
+POSITIVE_IF_SET = ("module.channels", "module.num_blocks", "module.budget_images", "module.batch_size", "module.lr",
+                   "module.sample_steps", "module.guidance", "module.latent")
+NON_NEGATIVE = ("module.ema_halflife_images", "module.warmup_images", "module.sigma_min", "module.dropout",
+                "module.label_dropout", "classifier.blur")
 
 
-def get(cfg: dict, key: str):
+def get(cfg: dict, key: str, default=None):
     node = cfg
     for part in key.split("."):
+        if part not in node:
+            return default
         node = node[part]
     return node
 
@@ -216,9 +253,16 @@ def validate(cfg: dict) -> None:
     for key in POSITIVE:
         if get(cfg, key) <= 0:
             raise FedFactoryError(f"config key {key!r} must be > 0; got {get(cfg, key)!r}")
+    for key in POSITIVE_IF_SET:
+        if get(cfg, key, 1) <= 0:
+            raise FedFactoryError(f"config key {key!r} must be > 0 (leave it out for the preset's value); "
+                                  f"got {get(cfg, key)!r}")
     for key in NON_NEGATIVE:
-        if get(cfg, key) < 0:
+        if get(cfg, key, 0) < 0:
             raise FedFactoryError(f"config key {key!r} must be >= 0; got {get(cfg, key)!r}")
+    classes = cfg["data"]["classes"]
+    if any(not isinstance(c, str) or not c.strip() for c in classes) or len(set(classes)) != len(classes):
+        raise FedFactoryError(f"data.classes must be distinct, non-empty class names; got {classes!r}")
 
 
 def dumps(cfg: dict) -> str:

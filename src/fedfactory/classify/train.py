@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from ..errors import FedFactoryError
@@ -88,3 +92,24 @@ def product_of_experts(log_probas: list[np.ndarray]) -> np.ndarray:
     """Sum the experts' log-softmax outputs and renormalise: argmax is the PoE prediction."""
     s = np.sum(log_probas, axis=0)
     return s - np.logaddexp.reduce(s, axis=1, keepdims=True)
+
+
+def classifier_to_bytes(net: torch.nn.Module, name: str) -> bytes:
+    """A trained classifier as safetensors bytes; its name (the site's client id) rides in the metadata
+    (one key: safetensors writes several in no fixed order, and the bytes must be reproducible)."""
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                            metadata={"fedfactory-classifier": name})
+
+
+def classifier_from_bytes(blob: bytes, in_channels: int, num_classes: int, cfg: dict) -> tuple[ResNet, str]:
+    """The network and name of classifier bytes; refuses anything that is not this run's architecture."""
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        if len(blob) < 8 or n > len(blob) - 8:
+            raise ValueError("truncated header")
+        meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
+        net = build_classifier(in_channels, num_classes, cfg["preset"], cfg["width"])
+        net.load_state_dict(load_safetensors(blob))
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, AttributeError) as e:
+        raise FedFactoryError(f"not a classifier of this run's architecture: {str(e).splitlines()[0][:200]}") from None
+    return net.eval(), str(meta.get("fedfactory-classifier", ""))

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FedFactoryError
-from .base import Dataset
+from .base import Dataset, LabelledImages, cap_per_class
 from .partition import Partition, make_partition
 
-__all__ = ["Dataset", "Partition", "load_dataset", "make_partition", "list_datasets", "DATASETS"]
+__all__ = ["Dataset", "LabelledImages", "Partition", "cap_per_class", "load_dataset", "make_partition",
+           "list_datasets", "DATASETS"]
 
 
 @dataclass(frozen=True)

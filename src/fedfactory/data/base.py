@@ -58,6 +58,31 @@ class Dataset:
         return self
 
 
+@dataclass
+class LabelledImages:
+    """A labelled image set: a site's own training images, or the server's test set."""
+
+    name: str
+    images: np.ndarray   # uint8 N x H x W x C
+    labels: np.ndarray   # int64 global class ids
+    class_names: list[str]
+    augment: str = "natural"  # the classifier's augmentation policy when classifier.augment is "auto"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+def cap_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most k seeded-random images per class (toy runs and tests)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]))
+
+
 def as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
     """N x H x W (grey) or N x H x W x C -> uint8 N x H x W x C."""
     x = np.asarray(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +30,17 @@ MANIFEST = "manifest.json"
 
 class ModuleFileError(FedFactoryError):
     """A module folder that is missing, tampered with, truncated or mismatched."""
+
+
+# A client id names a folder on the server: it is data from a peer, so it must never be a path.
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_client_id(client_id) -> str:
+    if not isinstance(client_id, str) or not CLIENT_ID.fullmatch(client_id):
+        raise FedFactoryError(f"client id {str(client_id)[:80]!r} is not allowed: use 1-64 letters, digits, '.', '_' "
+                              "or '-', starting with a letter or digit")
+    return client_id
 
 
 def serialize(state: dict[str, torch.Tensor], manifest: dict) -> tuple[bytes, dict]:
@@ -77,9 +89,13 @@ def read_manifest(path: str | Path) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ModuleFileError(f"{mpath}: unknown format version {version!r} (this fedfactory reads version {FORMAT_VERSION})")
-    for key in ("kind", "arch", "classes", "counts", "image_shape", "weights_sha256"):
+    for key in ("kind", "arch", "classes", "counts", "image_shape", "weights_sha256", "client_id"):
         if key not in manifest:
             raise ModuleFileError(f"{mpath}: missing key {key!r}")
+    try:
+        check_client_id(manifest["client_id"])
+    except FedFactoryError as e:
+        raise ModuleFileError(f"{mpath}: {e}") from None
     return manifest
 
 

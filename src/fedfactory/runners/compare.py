@@ -19,7 +19,8 @@ from ..errors import FedFactoryError
 from ..evaluate import evaluate
 from ..report import METRICS, pyplot, save_figure
 from ..utils import atomic_write_json, atomic_write_text
-from .embedded import prepare_data, run, setup_runtime
+from ..runtime import setup_runtime
+from .embedded import prepare_data, run
 
 ALL_METHODS = ("factory", *METHODS)
 TABLE = ("accuracy", "balanced_accuracy", "auroc", "f1")

@@ -17,7 +17,8 @@ from ..modules import load_module
 from ..registry import append_audit, read_registry, verify
 from ..report import METRICS, write_report
 from ..utils import atomic_write_json, atomic_write_text
-from .embedded import build, load_results, prepare_data, setup_runtime
+from ..runtime import setup_runtime
+from ..server import build, load_results, load_test_set, test_digest
 
 
 def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, reason: str = "",
@@ -30,6 +31,11 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir.with_name(f"{run_dir.name}-without-{client}")
     before = load_results(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    if cfg["classifier"]["mode"] == "local":
+        raise FedFactoryError("a local-mode run cannot be rebuilt at the server: every remaining site must retrain "
+                              "its expert without the forgotten module (fedfactory site expert), then run "
+                              "fedfactory server build with the remaining modules and experts")
     registry = read_registry(run_dir)
     if client not in registry["modules"]:
         raise FedFactoryError(f"{run_dir} has no module of client {client!r}; its clients: {sorted(registry['modules'])}")
@@ -46,7 +52,12 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
         raise FedFactoryError(f"{client} is the only holder of class(es) {', '.join(names[c] for c in orphans)}: "
                               "the rebuilt model could not predict them (use --orphaned drop to rebuild without them)")
 
-    cfg = load_config(run_dir / "config.toml")
+    setup_runtime(cfg)
+    t = time.perf_counter()
+    source = before.get("test", {}).get("source", "")
+    test = load_test_set(cfg, source)  # the run's own test set, never a training image
+    if before.get("test", {}).get("sha256") not in (None, test_digest(test)):
+        raise FedFactoryError(f"the test set at {source or cfg['data']['name']} changed since the run was built")
     cfg["partition"]["exclude"] = sorted(set(cfg["partition"]["exclude"]) | {client})
     if orphans:
         cfg["factory"]["missing_classes"] = "drop"
@@ -59,10 +70,7 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
                  orphaned_classes=orphans, source_run=str(run_dir))
     atomic_write_text(out / "config.toml", dumps(cfg))
 
-    setup_runtime(cfg)
-    t = time.perf_counter()
-    ds, part = prepare_data(cfg)
-    modules = [load_module(out / keep[cid]["path"], cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for cid in part.clients]
+    modules = [load_module(out / e["path"], cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for e in keep.values()]
     timings = {"data": time.perf_counter() - t}
     lines = ["## Unlearning", "",
              f"Client **{client}** was removed{f' (reason: {reason})' if reason else ''}; its module "
@@ -72,7 +80,7 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     if orphans:
         lines += [f"Classes that lost their only module, now never predicted: "
                   f"**{', '.join(names[c] for c in orphans)}**.", ""]
-    results = build(cfg, ds, part, modules, out, timings)
+    results = build(cfg, modules, test, out, timings, test_source=source)
     lines += ["| metric | before | after |", "|---|---|---|"]
     lines += [f"| {k} | {before['metrics'][k]:.4f} | {results['metrics'][k]:.4f} |" for k in METRICS]
     results["unlearning"] = {"client": client, "reason": reason, "orphaned_classes": orphans, "source_run": str(run_dir),

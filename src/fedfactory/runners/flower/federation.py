@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from ...errors import FedFactoryError
-from ..embedded import check_new_run_dir
+from ...server import check_new_run_dir
 
 APP_DIR = Path(__file__).parent / "app"
 
@@ -51,6 +52,10 @@ class LocalFederation:
                                            start_new_session=True))
 
     def __enter__(self):
+        missing = [c for c in ("flower-superlink", "flower-supernode", "flwr") if shutil.which(c) is None]
+        if missing:
+            raise FedFactoryError(f"Flower's command-line tools are not installed here ({', '.join(missing)} not on "
+                                  "PATH): install fedfactory with `bash scripts/setup.sh`, or `pip install 'flwr>=1.42,<1.43'`")
         home = self.work / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
@@ -59,7 +64,8 @@ class LocalFederation:
                                   "--host", "127.0.0.1", "--port", str(self.port)])
         time.sleep(2.0)
         for i in range(self.num_nodes):
-            cfg = {"partition-id": i, "num-partitions": self.num_nodes, **self.node_configs[i]}
+            own = self.node_configs[i]  # a site with its own data is not a share of a public data set
+            cfg = own if "data" in own else {"partition-id": i, "num-partitions": self.num_nodes, **own}
             node_config = " ".join(f"{k}={_toml_str(v) if isinstance(v, str) else v}" for k, v in cfg.items())
             self._start(f"supernode-{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                                            "--port", str(_free_port()), "--node-config", node_config])
@@ -108,20 +114,28 @@ class LocalFederation:
 
 
 def federate(config: str | Path, num_nodes: int, out: str | Path, overrides: list[str] = (),
-             node_configs: list[dict] | None = None, timeout: float = 3600, wait_timeout: float = 120) -> dict:
-    """Run the one-shot federation over Flower on this machine; raises if the run did not complete."""
+             node_configs: list[dict] | None = None, timeout: float = 3600, wait_timeout: float = 120,
+             test: str = "") -> dict:
+    """Run the one-shot federation over Flower on this machine; raises if the run did not complete.
+
+    node_configs: one dict per node, over the default simulated site (partition-id i); a node with
+    {"data": folder} is a site with its own data. test: the server's test set (see server.load_test_set).
+    """
     out = Path(out).resolve()
     check_new_run_dir(out)
     for o in overrides:
         if ";" in o:
             raise FedFactoryError(f"--set values may not contain ';': {o!r}")
+    test = str(Path(test).resolve()) if test and Path(test).exists() else test
     with LocalFederation(num_nodes, node_configs) as fed:
         result = fed.run({"config": str(Path(config).resolve()), "overrides": ";".join(overrides), "out": str(out),
-                          "num-nodes": num_nodes, "wait-timeout": float(wait_timeout), "train-timeout": float(timeout)},
+                          "test": test, "num-nodes": num_nodes, "wait-timeout": float(wait_timeout),
+                          "train-timeout": float(timeout)},
                          timeout=timeout + wait_timeout + 60)
     result["workdir"] = str(fed.work)
     if result["status"] != "finished:completed":
-        reasons = [l.split("fedfactory: ", 1)[1] for l in result["log"].splitlines() if "fedfactory: node" in l]
+        reasons = [l.split("fedfactory: ", 1)[1] for l in result["log"].splitlines()
+                   if "fedfactory: node" in l or "fedfactory: error" in l]
         raise FedFactoryError(f"Flower run {result['run_id']} ended {result['status']}"
                               + (f": {'; '.join(reasons)}" if reasons else "") + f" (logs in {fed.work})")
     return result

@@ -1,9 +1,11 @@
-"""The ServerApp: wait for the sites, send one train message each, verify and store every module,
-then run the same factory as `fedfactory run` (synthesis, classifier, evaluation, report).
+"""The ServerApp wraps the server: wait for the sites, send one train message each, verify and store
+every module, then run the same server code as `fedfactory run` (synthesis, classifier, evaluation,
+report). It holds the modules and a test set, never a training image.
 
-Run config ([tool.flwr.app.config] in flower-app/pyproject.toml, or flwr run --run-config):
+Run config ([tool.flwr.app.config] in app/pyproject.toml, or flwr run --run-config):
 config (path of a fedfactory TOML), overrides ("key=value;key=value"), out (run folder),
-num-nodes, wait-timeout and train-timeout (seconds).
+test (the server's test set: a folder, CSV or .npz, or a data set name; empty = the config's data
+set's test split), num-nodes, wait-timeout and train-timeout (seconds).
 """
 
 from __future__ import annotations
@@ -14,17 +16,14 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-
-from ...classify import build_classifier
+from ...classify import classifier_from_bytes
 from ...config import dumps, load_config
 from ...errors import FedFactoryError
 from ...modules import load_module
-from ...modules.fileformat import write_module_dir
+from ...modules.fileformat import check_client_id, write_module_dir
 from ...registry import register
-from ...utils import atomic_write_text
-from ..embedded import build, check_new_run_dir, prepare_data, setup_runtime
+from ...runtime import setup_runtime
+from ...server import build, load_test_set, start_run
 from .messages import config_content, read_module, read_weights_blob
 
 app = ServerApp()
@@ -37,7 +36,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         if len(nodes) >= expected:
             return nodes[:expected] if expected > 0 else nodes
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f} s")
+            raise FedFactoryError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f} s")
         time.sleep(1.0)
 
 
@@ -49,9 +48,9 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
     for nid, rep in replies.items():
         try:
             blob, manifest = read_module(rep.content)
-            cid = str(manifest.get("client_id", ""))
-            if not cid or cid in owners:
-                raise FedFactoryError(f"bad or duplicate client id {cid!r}")
+            cid = check_client_id(manifest.get("client_id"))
+            if cid in owners:
+                raise FedFactoryError(f"client id {cid!r} was already uploaded by node {owners[cid]}")
             path = out / "modules" / cid
             write_module_dir(path, blob, manifest)
             modules.append(load_module(path, cfg["runtime"]["device"], cfg["runtime"]["bf16"]))
@@ -92,53 +91,60 @@ def collect_experts(grid: Grid, modules, owners: dict, cfg: dict, num_classes: i
         if nid not in replies:
             continue
         try:
-            net = build_classifier(channels, num_classes, cfg["classifier"]["preset"], cfg["classifier"]["width"])
-            net.load_state_dict(load_safetensors(read_weights_blob(replies[nid].content)))
-            experts[cid] = net.eval()
-        except (FedFactoryError, SafetensorError, RuntimeError, ValueError) as e:
+            net, _ = classifier_from_bytes(read_weights_blob(replies[nid].content), channels, num_classes,
+                                           cfg["classifier"])
+            experts[cid] = (net, {"trained_at": "site", "node": nid})
+        except FedFactoryError as e:
             failures[nid] = f"classifier rejected: {e}"
     return experts, failures
 
 
-def _check(failures: dict, num_nodes: int, cfg: dict) -> None:
-    """Report failures by node id; fail the run unless the config lets it go on without them."""
+def _report(failures: dict) -> None:
     for nid, why in failures.items():
         print(f"fedfactory: node {nid}: {why}", flush=True)
+
+
+def _check(failures: dict, num_nodes: int, cfg: dict) -> None:
+    """Report failures by node id; fail the run unless the config lets it go on without them."""
+    _report(failures)
     if failures and cfg["factory"]["missing_classes"] == "error":
-        raise RuntimeError(f"{len(failures)} of {num_nodes} nodes failed ("
+        raise FedFactoryError(f"{len(failures)} of {num_nodes} nodes failed ("
                            + "; ".join(f"node {n}: {w}" for n, w in failures.items())
                            + '); set factory.missing_classes="drop" to go on without them')
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    rc = context.run_config
+    try:
+        serve(grid, context.run_config)
+    except FedFactoryError as e:  # one clear line in the run's log (the launcher shows it), then fail the run
+        print(f"fedfactory: error: {e}", flush=True)
+        raise
+
+
+def serve(grid: Grid, rc: dict) -> None:
     overrides = [o for o in str(rc.get("overrides", "")).split(";") if o.strip()]
     cfg = load_config(str(rc["config"]), overrides)
     out = Path(str(rc["out"]))
-    check_new_run_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", dumps(cfg))
+    start_run(cfg, out)
     setup_runtime(cfg)
+    t = time.perf_counter()
+    test_source = str(rc.get("test", ""))
+    test = load_test_set(cfg, test_source)  # before any site trains: a bad test set fails at once
+    timings = {"data": time.perf_counter() - t}
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["wait-timeout"]))
     t = time.perf_counter()
     modules, owners, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]))
-    timings = {"modules": time.perf_counter() - t}
+    timings["modules"] = time.perf_counter() - t
     _check(failures, len(nodes), cfg)
     if not modules:
-        raise RuntimeError("no module was received")
-    t = time.perf_counter()
-    ds, part = prepare_data(cfg)
-    timings["data"] = time.perf_counter() - t
+        raise FedFactoryError("no module was received")
     experts = None
     if cfg["classifier"]["mode"] == "local":
         t = time.perf_counter()
-        experts, failures = collect_experts(grid, modules, owners, cfg, ds.num_classes, out, float(rc["train-timeout"]))
+        experts, failures = collect_experts(grid, modules, owners, cfg, test.num_classes, out,
+                                            float(rc["train-timeout"]))
         timings["experts"] = time.perf_counter() - t
-        _check(failures, len(nodes), cfg)
-    received = {m.client_id for m in modules}
-    for cid in [c for c in part.clients if c not in received]:
-        del part.indices[cid], part.counts[cid]
-    modules.sort(key=lambda m: part.clients.index(m.client_id))
-    results = build(cfg, ds, part, modules, out, timings, experts=experts)
+        _report(failures)  # a missing expert: build() leaves it out or fails, by classifier.missing_experts
+    results = build(cfg, modules, test, out, timings, experts=experts, test_source=test_source)
     print(f"fedfactory: accuracy {results['metrics']['accuracy']:.4f}; report: {out / 'report.md'}", flush=True)

@@ -1,0 +1,70 @@
+"""The one round without a live network: modules travel as folders (a secure file transfer, a disk
+carried between sites).
+
+    at each site:      fedfactory site train --config C --data DIR --out MODULE_DIR
+    (local mode)       fedfactory site expert --config C --data DIR --modules OTHER_DIRS --out EXPERT
+    at the server:     fedfactory server build --config C --modules DIRS --test DATA --out RUN_DIR [--experts ...]
+
+The same site and server code as `fedfactory run` and the Flower apps: the same data, config and
+seed give the same bits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..classify import classifier_from_bytes, classifier_to_bytes
+from ..errors import FedFactoryError
+from ..modules import GenerativeModule, load_module
+from ..modules.fileformat import check_client_id
+from ..runtime import setup_runtime
+from ..server import build, check_new_run_dir, load_test_set, receive_module, start_run
+from ..site import federation_classes, load_site_data, synthesize_for_site, train_expert, train_module
+from ..utils import atomic_write_bytes
+
+
+def site_train(cfg: dict, data: str, out: str | Path, client_id: str = "") -> GenerativeModule:
+    """A site makes its module alone, from its own data only; the client id defaults to the folder name of `out`."""
+    out = Path(out)
+    cid = check_client_id(client_id or out.resolve().name)
+    check_new_run_dir(out)
+    setup_runtime(cfg)
+    module = train_module(cfg, cid, *load_site_data(cfg, data))
+    module.save(out)
+    return module
+
+
+def site_expert(cfg: dict, data: str, module_dirs: list[str], out: str | Path, client_id: str):
+    """Local mode: a site's expert classifier from its own data and the other sites' module folders."""
+    cid = check_client_id(client_id)
+    setup_runtime(cfg)
+    images, labels = load_site_data(cfg, data)
+    others = [load_module(d, cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for d in module_dirs]
+    synth = synthesize_for_site(cfg, others, len(federation_classes(cfg)))
+    net, stats = train_expert(cfg, cid, images, labels, len(federation_classes(cfg)), synth)
+    atomic_write_bytes(out, classifier_to_bytes(net, cid))
+    return net, stats
+
+
+def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, expert_files: list[str] = ()) -> dict:
+    """The server's whole job from module folders gathered in any way: verify, register, factory, classifier."""
+    out = Path(out)
+    start_run(cfg, out)
+    setup_runtime(cfg)
+    t = time.perf_counter()
+    test = str(Path(test).resolve()) if test and Path(test).exists() else test
+    test_set = load_test_set(cfg, test)
+    timings = {"data": time.perf_counter() - t}
+    modules = [receive_module(out, Path(d), cfg["runtime"]["device"]) for d in module_dirs]
+    experts = {}
+    for f in expert_files:
+        try:
+            blob = Path(f).read_bytes()
+        except OSError as e:
+            raise FedFactoryError(f"cannot read expert {f}: {e.strerror or e}") from None
+        net, name = classifier_from_bytes(blob, test_set.image_shape[-1], test_set.num_classes, cfg["classifier"])
+        if name not in {m.client_id for m in modules}:
+            raise FedFactoryError(f"expert {f} names client {name!r}, which sent no module")
+        experts[name] = (net, {"trained_at": "site", "file": str(f)})
+    return build(cfg, modules, test_set, out, timings, experts=experts, test_source=test)

@@ -1,0 +1,199 @@
+"""What the server (the coordinator) does: it holds the sites' modules and a test set, never a
+training image.
+
+    check_new_run_dir(run_dir)
+    test = load_test_set(cfg, "/data/test")                     # or the config's data set's test split
+    modules = [receive_module(run_dir, d) for d in module_dirs]   # verified, registered
+    results = build(cfg, modules, test, run_dir, timings)        # synthesis, classifier, evaluation, report
+
+In local mode the sites send their expert classifiers; a site with no expert is left out of the
+Product of Experts or fails the run (`classifier.missing_experts`). Nothing is ever trained here
+from a site's data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .classify import classifier_to_bytes, predict_log_proba, product_of_experts, train_classifier
+from .config import dumps
+from .data import Dataset, LabelledImages, cap_per_class, load_dataset
+from .data.folder import load_labelled
+from .errors import FedFactoryError
+from .evaluate import evaluate
+from .factory import SyntheticSet, synthesize
+from .modules import GenerativeModule, load_module
+from .modules.fileformat import WEIGHTS, write_module_dir
+from .registry import register
+from .report import confusion_png, synthetic_vs_real, write_report
+from .runtime import classifier_kw
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, derive_seed
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Never write over a finished or half-finished run: that would lose work."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FedFactoryError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def start_run(cfg: dict, run_dir: Path, resume: bool = False) -> None:
+    """Create the run folder and record the config (a changed config on resume keeps the old one beside)."""
+    if not resume:
+        check_new_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (run_dir / "config.toml").exists():
+            old = (run_dir / "config.toml").read_text()
+            if old != dumps(cfg):
+                atomic_write_text(run_dir / "config.previous.toml", old)
+        atomic_write_text(run_dir / "config.toml", dumps(cfg))
+    except OSError as e:
+        raise FedFactoryError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
+
+
+def test_split(cfg: dict, ds: Dataset) -> LabelledImages:
+    """A loaded data set's test split, capped per class as configured."""
+    d = cfg["data"]
+    if d["classes"] and d["classes"] != ds.class_names:
+        raise FedFactoryError(f"data.classes {d['classes']} differs from {ds.name}'s classes {ds.class_names}")
+    x, y = ds.x_test, ds.y_test
+    if d["test_per_class"] > 0:
+        keep = cap_per_class(y, d["test_per_class"], derive_seed(cfg["seed"], "subsample", "test"))
+        x, y = x[keep], y[keep]
+    return LabelledImages(ds.name, x, y, list(ds.class_names), ds.augment)
+
+
+def load_test_set(cfg: dict, source: str = "") -> LabelledImages:
+    """The server's test set: `source` (a class-per-folder directory, a CSV of path,label or an .npz of
+    test images; or a data set name), or, when empty, the config's data set's test split."""
+    d = cfg["data"]
+    if not source:
+        return test_split(cfg, load_dataset(d["name"], root=d["root"], size=d["size"], download=d["download"]))
+    if Path(source).exists():
+        if not d["classes"]:
+            raise FedFactoryError(f"a test set from {source} needs the federation's class list: set data.classes")
+        x, y = load_labelled(source, d["classes"], split="test", size=d["size"], channels=d["channels"])
+        return LabelledImages(Path(source).name, x, y, list(d["classes"]))
+    return test_split({**cfg, "data": {**d, "test_per_class": 0}}, load_dataset(source, size=d["size"]))
+
+
+def receive_module(run_dir: Path, source: Path, device: str = "cpu", origin: str = "") -> GenerativeModule:
+    """Verify a module folder gathered from a site (file transfer, carried disk), copy it into the run
+    byte for byte and register it."""
+    module = load_module(source, device=device)
+    manifest = module.saved_manifest
+    target = run_dir / "modules" / manifest["client_id"]
+    if target.exists():
+        raise FedFactoryError(f"two modules claim client id {manifest['client_id']!r} (the second is {source})")
+    write_module_dir(target, (Path(source) / WEIGHTS).read_bytes(), manifest)
+    register(run_dir, manifest, source=origin or f"folder {Path(source).resolve()}")
+    return load_module(target, device=device)
+
+
+def test_digest(test: LabelledImages) -> str:
+    return hashlib.sha256(test.images.tobytes() + test.labels.tobytes()).hexdigest()
+
+
+def check_modules(modules: list[GenerativeModule], test: LabelledImages) -> None:
+    """Every module must draw images of the test set's shape, of classes in the federation's list."""
+    for m in modules:
+        if tuple(m.image_shape) != test.image_shape:
+            raise FedFactoryError(f"module {m.client_id} makes {list(m.image_shape)} images, the test set "
+                                  f"holds {list(test.image_shape)}: check data.size and data.channels")
+        if any(not 0 <= c < test.num_classes for c in m.classes):
+            raise FedFactoryError(f"module {m.client_id} covers class ids {m.classes}, outside the federation's "
+                                  f"{test.num_classes} classes")
+
+
+def _local_experts(cfg: dict, modules: list[GenerativeModule], experts: dict) -> dict:
+    missing = [m.client_id for m in modules if m.client_id not in experts]
+    if missing and cfg["classifier"]["missing_experts"] == "error":
+        raise FedFactoryError(f"local mode: no expert from {', '.join(missing)}; set classifier.missing_experts="
+                              '"drop" to combine the others')
+    if not set(experts) - set(missing):
+        raise FedFactoryError("local mode: no site sent an expert classifier")
+    return {cid: experts[cid] for cid in sorted(experts)}
+
+
+def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int, class_names: list[str]):
+    """The factory: a class-balanced synthetic set from every module."""
+    f = cfg["factory"]
+    return synthesize(modules, num_classes, f["per_class"], cfg["seed"], f["aggregation"], f["missing_classes"],
+                      class_names, progress=cfg["runtime"]["progress"])
+
+
+def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, timings: dict,
+          experts: dict | None = None, test_source: str = "", synth: SyntheticSet | None = None) -> dict:
+    """From the uploaded modules onwards: synthesis, classifier, evaluation, report, results.json.
+
+    experts (local mode): client id -> (network, stats) as the sites trained them. synth: the
+    factory's set when the caller already made it from these modules.
+    """
+    modules = sorted(modules, key=lambda m: m.client_id)
+    check_modules(modules, test)
+    num_classes = test.num_classes
+    if synth is None:
+        t = time.perf_counter()
+        synth = synthesize_all(cfg, modules, num_classes, test.class_names)
+        timings["synthesis"] = time.perf_counter() - t
+    t = time.perf_counter()
+    kw = classifier_kw(cfg, test.augment)
+    if cfg["classifier"]["mode"] == "server":
+        net, stats = train_classifier(synth.images, synth.labels, num_classes, cfg["classifier"], cfg["seed"],
+                                      "server", **kw)
+        nets, clf_stats = {"server": net}, {"server": stats}
+    else:  # local mode: the sites' experts, combined as a Product of Experts
+        chosen = _local_experts(cfg, modules, experts or {})
+        nets = {cid: net for cid, (net, _) in chosen.items()}
+        clf_stats = {cid: s for cid, (_, s) in chosen.items()}
+    for name, net in nets.items():  # the classifiers are the product: keep their weights (safetensors)
+        atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", classifier_to_bytes(net, name))
+    probas = [predict_log_proba(net, test.images, kw["device"], kw["bf16"]) for net in nets.values()]
+    log_proba = probas[0] if cfg["classifier"]["mode"] == "server" else product_of_experts(probas)
+    if synth.missing_classes:  # a class no module covers is never predicted
+        log_proba[:, synth.missing_classes] = -np.inf
+        log_proba -= np.logaddexp.reduce(log_proba, axis=1, keepdims=True)
+    timings["classifier"] = time.perf_counter() - t
+    metrics = evaluate(test.labels, log_proba, num_classes)
+    mods = [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
+             "sha256": m.saved_manifest["weights_sha256"],
+             "bytes": (run_dir / "modules" / m.client_id / WEIGHTS).stat().st_size, "train_stats": m.stats}
+            for m in modules]
+    clients = {m.client_id: [m.counts[m.classes.index(c)] if c in m.classes else 0 for c in range(num_classes)]
+               for m in modules}
+    results = {
+        "library_version": __version__, "config": cfg,
+        "dataset": {"name": cfg["data"]["name"], "image_shape": list(test.image_shape), "class_names": test.class_names,
+                    "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
+        "test": {"source": test_source, "name": test.name, "images": len(test.labels), "sha256": test_digest(test)},
+        "metrics": metrics,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "clients": clients, "modules": mods,
+        "missing_classes": synth.missing_classes,
+        "synthetic": {"images": len(synth.labels), "sha256": synth.digest(),
+                      "per_class": np.bincount(synth.labels, minlength=num_classes).tolist(), "sources": synth.sources},
+        "classifier": clf_stats,
+        "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
+                          # local mode: every site downloads the other sites' modules
+                          "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)
+                          if cfg["classifier"]["mode"] == "local" else 0},
+    }
+    synthetic_vs_real(run_dir / "samples.png", synth.images, synth.labels, test.images, test.labels, num_classes)
+    confusion_png(run_dir / "confusion.png", metrics["confusion_matrix"], test.class_names,
+                  f"{test.name} {cfg['classifier']['mode']} mode: accuracy {metrics['accuracy']:.3f}")
+    atomic_write_json(run_dir / "results.json", results)
+    write_report(run_dir, results, test.class_names)
+    return results
+
+
+def load_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise FedFactoryError(f"{path} not found: is {run_dir} a finished fedfactory run?")
+    return json.loads(path.read_text())

@@ -1,0 +1,72 @@
+"""What a site (a hospital) does, with its own images and nothing else.
+
+    images, labels = load_site_data(cfg, "/data/hospital-3")            # its own folder
+    module = train_module(cfg, "hospital-3", images, labels)           # the one upload
+    # local mode only: the other sites' modules come back; the site trains its expert
+    synth = synthesize_for_site(cfg, other_modules, num_classes)
+    expert, stats = train_expert(cfg, "hospital-3", images, labels, num_classes, synth)
+
+Labels are global class ids: a class's place in the federation's class list (`data.classes`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .classify import train_classifier
+from .data.folder import load_labelled
+from .errors import FedFactoryError
+from .factory import SyntheticSet, synthesize
+from .modules import GenerativeModule, module_kinds
+from .modules.fileformat import check_client_id
+from .runtime import classifier_kw
+
+
+def federation_classes(cfg: dict) -> list[str]:
+    classes = cfg["data"]["classes"]
+    if not classes:
+        raise FedFactoryError("a site's own data needs the federation's class list: set data.classes = "
+                              '["name of class 0", "name of class 1", ...] in the config')
+    return list(classes)
+
+
+def load_site_data(cfg: dict, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """A site's images (folder per class, CSV of path,label, or .npz) as uint8 N x H x W x C and global ids."""
+    d = cfg["data"]
+    return load_labelled(source, federation_classes(cfg), split="train", size=d["size"], channels=d["channels"])
+
+
+def new_module(cfg: dict, client_id: str) -> GenerativeModule:
+    """An untrained module: the config's module keys over the preset's values."""
+    m = cfg["module"]
+    cls = module_kinds()[m["kind"]]
+    preset = cls.presets[m["preset"]]
+    unknown = [k for k in m if k not in ("kind", "preset") and k not in preset["arch"] and k not in preset["train"]]
+    if unknown:
+        raise FedFactoryError(f"module.{unknown[0]} does not apply to module kind {m['kind']!r}")
+    arch = {k: v for k, v in m.items() if k in preset["arch"]}
+    train = {k: v for k, v in m.items() if k in preset["train"]}
+    rt = cfg["runtime"]
+    return cls(arch, train, client_id=check_client_id(client_id), seed=cfg["seed"], preset=m["preset"],
+               device=rt["device"], bf16=rt["bf16"], progress=rt["progress"], compile=rt["compile"])
+
+
+def train_module(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarray) -> GenerativeModule:
+    """The site's generative module, trained from scratch on its own images only."""
+    return new_module(cfg, client_id).fit(images, labels)
+
+
+def synthesize_for_site(cfg: dict, others: list[GenerativeModule], num_classes: int) -> SyntheticSet:
+    """Local mode: synthetic images from the other sites' modules (classes no one else holds are left out)."""
+    f = cfg["factory"]
+    return synthesize(others, num_classes, f["per_class"], cfg["seed"], f["aggregation"], "drop",
+                      progress=cfg["runtime"]["progress"])
+
+
+def train_expert(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                 synth: SyntheticSet, augment: str = "natural"):
+    """Local mode: a classifier on the site's own images plus synthetic images of the classes it lacks."""
+    lacking = ~np.isin(synth.labels, np.unique(labels))
+    x = np.concatenate([images, synth.images[lacking]])
+    y = np.concatenate([labels, synth.labels[lacking]])
+    return train_classifier(x, y, num_classes, cfg["classifier"], cfg["seed"], client_id, **classifier_kw(cfg, augment))
