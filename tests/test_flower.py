@@ -1,17 +1,16 @@
 """A real Flower deployment on loopback: a SuperLink, 3 SuperNodes, the one-shot exchange."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
 from fedfactory.errors import FedFactoryError
-from fedfactory.runners.flower.federation import LocalFederation, federate
+from fedfactory.runners.flower.federation import LocalFederation, federate, flower_tools_missing
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower CLI not installed")]
+              pytest.mark.skipif(bool(flower_tools_missing()), reason="Flower CLI not installed")]
 
 TOY = """seed = 0
 [data]
@@ -97,3 +96,33 @@ def test_processes_are_stopped():
         procs = list(fed.procs)
         assert all(p.poll() is None for p in procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_sites_use_their_own_folders_and_the_server_holds_only_a_test_set(toy_config, tmp_path):
+    """Each SuperNode reads its own class folders; the ServerApp gets a test-only .npz, and the config's
+    data set does not exist at all, so reading any training image at the server would fail the run."""
+    from fedfactory.config import load_config
+    from fedfactory.runners.embedded import prepare_data, run
+    from fedfactory.server import evaluation_split
+    from test_sites import write_image_folder
+
+    names = ["class 0", "class 1", "class 2"]
+    cfg = load_config(toy_config, [f"data.classes={names}"])
+    ds, part = prepare_data(cfg)
+    for cid, idx in part.indices.items():
+        write_image_folder(tmp_path / "sites" / cid, ds.x_train[idx], ds.y_train[idx], names)
+    test = evaluation_split(cfg, ds)
+    np.savez(tmp_path / "test-only.npz", x_test=test.images, y_test=test.labels)
+    embedded = run(cfg, tmp_path / "embedded")
+
+    nowhere = [f"data.name='npz:{tmp_path / 'no-training-set-here.npz'}'", f"data.classes={names}"]
+    sites = [{"data": str(tmp_path / "sites" / f"client-{i}")} for i in range(3)]
+    result = federate(toy_config, 3, tmp_path / "flower", overrides=nowhere, node_configs=sites,
+                      test=str(tmp_path / "test-only.npz"), timeout=300)
+    assert result["status"] == "finished:completed"
+    flower = json.loads((tmp_path / "flower/results.json").read_text())
+    assert flower["metrics"] == embedded["metrics"]
+    assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
+    for cid in ("client-0", "client-1", "client-2"):
+        assert (tmp_path / "flower/modules" / cid / "module.safetensors").read_bytes() == \
+            (tmp_path / "embedded/modules" / cid / "module.safetensors").read_bytes()

@@ -57,7 +57,7 @@ def start_run(cfg: dict, run_dir: Path, resume: bool = False) -> None:
         raise FedFactoryError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
 
 
-def test_split(cfg: dict, ds: Dataset) -> LabelledImages:
+def evaluation_split(cfg: dict, ds: Dataset) -> LabelledImages:
     """A loaded data set's test split, capped per class as configured."""
     d = cfg["data"]
     if d["classes"] and d["classes"] != ds.class_names:
@@ -74,13 +74,13 @@ def load_test_set(cfg: dict, source: str = "") -> LabelledImages:
     test images; or a data set name), or, when empty, the config's data set's test split."""
     d = cfg["data"]
     if not source:
-        return test_split(cfg, load_dataset(d["name"], root=d["root"], size=d["size"], download=d["download"]))
+        return evaluation_split(cfg, load_dataset(d["name"], root=d["root"], size=d["size"], download=d["download"]))
     if Path(source).exists():
         if not d["classes"]:
             raise FedFactoryError(f"a test set from {source} needs the federation's class list: set data.classes")
         x, y = load_labelled(source, d["classes"], split="test", size=d["size"], channels=d["channels"])
         return LabelledImages(Path(source).name, x, y, list(d["classes"]))
-    return test_split({**cfg, "data": {**d, "test_per_class": 0}}, load_dataset(source, size=d["size"]))
+    return evaluation_split({**cfg, "data": {**d, "test_per_class": 0}}, load_dataset(source, size=d["size"]))
 
 
 def receive_module(run_dir: Path, source: Path, device: str = "cpu", origin: str = "") -> GenerativeModule:
@@ -96,7 +96,7 @@ def receive_module(run_dir: Path, source: Path, device: str = "cpu", origin: str
     return load_module(target, device=device)
 
 
-def test_digest(test: LabelledImages) -> str:
+def images_digest(test: LabelledImages) -> str:
     return hashlib.sha256(test.images.tobytes() + test.labels.tobytes()).hexdigest()
 
 
@@ -171,7 +171,7 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
         "library_version": __version__, "config": cfg,
         "dataset": {"name": cfg["data"]["name"], "image_shape": list(test.image_shape), "class_names": test.class_names,
                     "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
-        "test": {"source": test_source, "name": test.name, "images": len(test.labels), "sha256": test_digest(test)},
+        "test": {"source": test_source, "name": test.name, "images": len(test.labels), "sha256": images_digest(test)},
         "metrics": metrics,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "clients": clients, "modules": mods,

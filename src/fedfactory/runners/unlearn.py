@@ -18,7 +18,7 @@ from ..registry import append_audit, read_registry, verify
 from ..report import METRICS, write_report
 from ..utils import atomic_write_json, atomic_write_text
 from ..runtime import setup_runtime
-from ..server import build, load_results, load_test_set, test_digest
+from ..server import build, load_results, load_test_set, images_digest
 
 
 def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, reason: str = "",
@@ -56,7 +56,7 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     t = time.perf_counter()
     source = before.get("test", {}).get("source", "")
     test = load_test_set(cfg, source)  # the run's own test set, never a training image
-    if before.get("test", {}).get("sha256") not in (None, test_digest(test)):
+    if before.get("test", {}).get("sha256") not in (None, images_digest(test)):
         raise FedFactoryError(f"the test set at {source or cfg['data']['name']} changed since the run was built")
     cfg["partition"]["exclude"] = sorted(set(cfg["partition"]["exclude"]) | {client})
     if orphans:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,15 @@ from ...errors import FedFactoryError
 from ...server import check_new_run_dir
 
 APP_DIR = Path(__file__).parent / "app"
+
+
+# Flower's tools from the environment that runs fedfactory (a virtual environment need not be activated).
+BIN = str(Path(sys.executable).parent)
+
+
+def flower_tools_missing() -> list[str]:
+    path = os.pathsep.join([BIN, os.environ.get("PATH", "")])
+    return [c for c in ("flower-superlink", "flower-supernode", "flwr") if shutil.which(c, path=path) is None]
 
 
 def _free_port() -> int:
@@ -44,7 +54,8 @@ class LocalFederation:
         self.work = Path(workdir or tempfile.mkdtemp(prefix="fedfactory-flower-"))
         self.procs: list[subprocess.Popen] = []
         self.port = _free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr-home")}
+        self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr-home"),
+                    "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.work / f"{name}.log", "w")
@@ -52,7 +63,7 @@ class LocalFederation:
                                            start_new_session=True))
 
     def __enter__(self):
-        missing = [c for c in ("flower-superlink", "flower-supernode", "flwr") if shutil.which(c) is None]
+        missing = flower_tools_missing()
         if missing:
             raise FedFactoryError(f"Flower's command-line tools are not installed here ({', '.join(missing)} not on "
                                   "PATH): install fedfactory with `bash scripts/setup.sh`, or `pip install 'flwr>=1.42,<1.43'`")

