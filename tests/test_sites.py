@@ -143,3 +143,25 @@ def test_local_mode_without_an_expert_drops_it_or_fails_and_never_trains_at_the_
     assert sorted(p.name for p in (tmp_path / "drop/classifiers").iterdir()) == \
         ["client-0.safetensors", "client-2.safetensors", "client-3.safetensors"]
     assert res["metrics"]["accuracy"] > 0.25  # the other three experts still cover every class
+
+
+def test_local_mode_by_files_equals_the_embedded_run(br35h_federation, tmp_path):
+    root, config, _ = br35h_federation
+    local = ["--set", "classifier.mode=local"]
+    emb = run(load_config(config, ["classifier.mode=local"]), tmp_path / "embedded")
+    sites = {"client-0": "client-1", "client-1": "client-0"}  # each site and the other one
+    for cid in sites:
+        assert main(["site", "train", "--config", str(config), "--data", str(root / "sites" / cid),
+                     "--out", str(tmp_path / "outbox" / cid), *local]) == 0
+    for cid, other in sites.items():  # local mode: the other site's module comes back; the expert is trained here
+        assert main(["site", "expert", "--config", str(config), "--data", str(root / "sites" / cid), "--modules",
+                     str(tmp_path / "outbox" / other), "--client-id", cid, "--out", str(tmp_path / f"{cid}.st"),
+                     *local]) == 0
+    assert main(["server", "build", "--config", str(config), "--modules", *(str(tmp_path / "outbox" / c) for c in sites),
+                 "--test", str(root / "test"), "--experts", *(str(tmp_path / f"{c}.st") for c in sites),
+                 "--out", str(tmp_path / "run"), *local]) == 0
+    built = json.loads((tmp_path / "run/results.json").read_text())
+    assert built["metrics"] == emb["metrics"]
+    for cid in sites:
+        assert (tmp_path / "run/classifiers" / f"{cid}.safetensors").read_bytes() == \
+            (tmp_path / "embedded/classifiers" / f"{cid}.safetensors").read_bytes() == (tmp_path / f"{cid}.st").read_bytes()

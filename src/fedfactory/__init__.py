@@ -1,3 +1,3 @@
 """FederatedFactory: generative one-shot federated learning for extremely non-IID data."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

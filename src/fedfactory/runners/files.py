@@ -19,7 +19,7 @@ from ..errors import FedFactoryError
 from ..modules import GenerativeModule, load_module
 from ..modules.fileformat import check_client_id
 from ..runtime import setup_runtime
-from ..server import build, check_new_run_dir, load_test_set, receive_module, start_run
+from ..server import build, check_modules, check_new_run_dir, load_test_set, receive_module, start_run
 from ..site import federation_classes, load_site_data, synthesize_for_site, train_expert, train_module
 from ..utils import atomic_write_bytes
 
@@ -48,15 +48,20 @@ def site_expert(cfg: dict, data: str, module_dirs: list[str], out: str | Path, c
 
 
 def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, expert_files: list[str] = ()) -> dict:
-    """The server's whole job from module folders gathered in any way: verify, register, factory, classifier."""
+    """The server's whole job from module folders gathered in any way: verify, register, factory, classifier.
+    Everything is read and checked before the run folder is created, so a bad input leaves nothing behind."""
     out = Path(out)
-    start_run(cfg, out)
+    check_new_run_dir(out)
     setup_runtime(cfg)
     t = time.perf_counter()
     test = str(Path(test).resolve()) if test and Path(test).exists() else test
     test_set = load_test_set(cfg, test)
     timings = {"data": time.perf_counter() - t}
-    modules = [receive_module(out, Path(d), cfg["runtime"]["device"]) for d in module_dirs]
+    incoming = [load_module(d, cfg["runtime"]["device"]) for d in module_dirs]
+    ids = [m.client_id for m in incoming]
+    if len(set(ids)) != len(ids):
+        raise FedFactoryError(f"two module folders claim the same client id: {sorted(ids)}")
+    check_modules(incoming, test_set)
     experts = {}
     for f in expert_files:
         try:
@@ -64,7 +69,9 @@ def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, 
         except OSError as e:
             raise FedFactoryError(f"cannot read expert {f}: {e.strerror or e}") from None
         net, name = classifier_from_bytes(blob, test_set.image_shape[-1], test_set.num_classes, cfg["classifier"])
-        if name not in {m.client_id for m in modules}:
+        if name not in ids:
             raise FedFactoryError(f"expert {f} names client {name!r}, which sent no module")
         experts[name] = (net, {"trained_at": "site", "file": str(f)})
+    start_run(cfg, out)
+    modules = [receive_module(out, Path(d), cfg["runtime"]["device"]) for d in module_dirs]
     return build(cfg, modules, test_set, out, timings, experts=experts, test_source=test)
