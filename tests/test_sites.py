@@ -118,7 +118,8 @@ def test_server_build_refuses_a_module_of_another_image_shape(br35h_federation, 
           "--out", str(tmp_path / "client-0"), "--set", "data.size=8"])
     rc = main(["server", "build", "--config", str(config), "--modules", str(tmp_path / "client-0"),
                "--test", str(root / "test"), "--out", str(tmp_path / "run")])
-    assert rc == 2 and "[8, 8, 1] images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "[8, 8, 1]" in err and "federation" in err and not (tmp_path / "run").exists()
 
 
 def _fail_site(victim):

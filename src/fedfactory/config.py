@@ -88,6 +88,15 @@ DEFAULTS: dict = {
         "blur": 0.0,            # random Gaussian blur, sigma ~ U(0, blur) px (0 = off): against generator artifacts
         "missing_experts": "error",  # local mode, a site sent no expert: error | drop (Product of the others)
     },
+    "federation": {              # what the server accepts from peers, and what it does when one fails
+        "on_node_failure": "fail",   # fail | continue: a node that errs, stays silent or sends a refused module
+        "clients": [],               # the roster: client ids allowed to upload (empty = any valid id, once each)
+        "max_parameters": 100_000_000,  # a module's declared network, counted before anything is built
+        "max_channels": 1024,
+        "max_resolution": 512,
+        "max_count": 10_000_000,     # real images a module may claim per class
+        "max_module_bytes": 1 << 30,
+    },
     "baselines": {               # weight-averaging baselines on the same partition and classifier
         "rounds": 30,
         "local_epochs": 1,
@@ -223,12 +232,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 CHOICES = {
     "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu"),
     "factory.aggregation": ("weighted", "uniform"), "factory.missing_classes": ("error", "drop"),
-    "classifier.missing_experts": ("error", "drop"), "data.channels": (0, 1, 3),
+    "classifier.missing_experts": ("error", "drop"), "federation.on_node_failure": ("fail", "continue"), "data.channels": (0, 1, 3),
     "classifier.mode": ("server", "local"), "classifier.preset": ("cpu", "gpu"),
     "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
     "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
 }
-POSITIVE = ("runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
+POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.max_resolution",
+            "federation.max_count", "federation.max_module_bytes", "runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
 # Module keys are checked only when set (absent = the preset's value).
 POSITIVE_IF_SET = ("module.channels", "module.num_blocks", "module.budget_images", "module.batch_size", "module.lr",
@@ -260,6 +270,10 @@ def validate(cfg: dict) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key, 0) < 0:
             raise FedFactoryError(f"config key {key!r} must be >= 0; got {get(cfg, key)!r}")
+    from .modules.fileformat import check_client_id
+
+    for cid in cfg["federation"]["clients"]:
+        check_client_id(cid)
     classes = cfg["data"]["classes"]
     if any(not isinstance(c, str) or not c.strip() for c in classes) or len(set(classes)) != len(classes):
         raise FedFactoryError(f"data.classes must be distinct, non-empty class names; got {classes!r}")

@@ -30,6 +30,7 @@ from .evaluate import evaluate
 from .factory import SyntheticSet, synthesize
 from .modules import GenerativeModule, load_module
 from .modules.fileformat import WEIGHTS, write_module_dir
+from .modules.limits import Limits
 from .registry import register
 from .report import confusion_png, synthetic_vs_real, write_report
 from .runtime import classifier_kw
@@ -83,17 +84,22 @@ def load_test_set(cfg: dict, source: str = "") -> LabelledImages:
     return evaluation_split({**cfg, "data": {**d, "test_per_class": 0}}, load_dataset(source, size=d["size"]))
 
 
-def receive_module(run_dir: Path, source: Path, device: str = "cpu", origin: str = "") -> GenerativeModule:
+def module_limits(cfg: dict, test: LabelledImages) -> Limits:
+    """What the server accepts from a site: the federation's caps, image shape and class count."""
+    return Limits.from_config(cfg["federation"], test.image_shape, test.num_classes)
+
+
+def receive_module(run_dir: Path, source: Path, limits: Limits, device: str = "cpu", origin: str = "") -> GenerativeModule:
     """Verify a module folder gathered from a site (file transfer, carried disk), copy it into the run
     byte for byte and register it."""
-    module = load_module(source, device=device)
+    module = load_module(source, device=device, limits=limits)
     manifest = module.saved_manifest
     target = run_dir / "modules" / manifest["client_id"]
     if target.exists():
         raise FedFactoryError(f"two modules claim client id {manifest['client_id']!r} (the second is {source})")
     write_module_dir(target, (Path(source) / WEIGHTS).read_bytes(), manifest)
     register(run_dir, manifest, source=origin or f"folder {Path(source).resolve()}")
-    return load_module(target, device=device)
+    return load_module(target, device=device, limits=limits)
 
 
 def images_digest(test: LabelledImages) -> str:

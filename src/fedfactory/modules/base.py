@@ -221,21 +221,33 @@ def module_kinds() -> dict[str, type[GenerativeModule]]:
     return {DiffusionModule.kind: DiffusionModule, CVAEModule.kind: CVAEModule}
 
 
-def load_module(path: str | Path, device: str = "auto", bf16: str = "auto") -> GenerativeModule:
-    """Load and verify a module folder; a bad one raises ModuleFileError naming the file and why."""
-    from .fileformat import ModuleFileError
+def load_module(path: str | Path, device: str = "auto", bf16: str = "auto", limits=None) -> GenerativeModule:
+    """Load and verify a module folder; a bad one raises ModuleFileError naming the file and why.
 
+    Everything the manifest declares is checked against `limits` (modules/limits.py) before any
+    tensor is built or the weights are read.
+    """
+    from .fileformat import ModuleFileError
+    from .limits import Limits, check_declared, check_parameters
+
+    limits = limits or Limits()
+    where = str(Path(path) / "manifest.json")
     manifest = read_manifest(path)
     kinds = module_kinds()
     if manifest["kind"] not in kinds:
-        raise ModuleFileError(f"{Path(path) / 'manifest.json'}: unknown module kind {manifest['kind']!r}")
+        raise ModuleFileError(f"{where}: unknown module kind {str(manifest['kind'])[:40]!r}")
+    cls = kinds[manifest["kind"]]
+    check_declared(manifest, cls.presets["cpu"]["arch"], limits, where)
     try:
-        module = kinds[manifest["kind"]].from_manifest(manifest, device=device, bf16=bf16)
+        module = cls.from_manifest(manifest, device=device, bf16=bf16)
+        check_parameters(module, limits, where)
         with torch.random.fork_rng(devices=[]):
             net = module.build_network()
     except (KeyError, TypeError, ValueError, RuntimeError, FedFactoryError) as e:
-        raise ModuleFileError(f"{Path(path) / 'manifest.json'}: cannot build the declared architecture: {e}") from None
-    state = read_weights(path, manifest, net.state_dict())
+        if isinstance(e, ModuleFileError):
+            raise
+        raise ModuleFileError(f"{where}: cannot build the declared architecture: {str(e)[:200]}") from None
+    state = read_weights(path, manifest, net.state_dict(), max_bytes=limits.max_module_bytes)
     net.load_state_dict(state)
     module.net = net.to(module.device).eval().requires_grad_(False)
     module.saved_manifest = manifest

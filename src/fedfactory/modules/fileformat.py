@@ -67,13 +67,20 @@ def write_module_dir(path: str | Path, blob: bytes, manifest: dict) -> dict:
         atomic_write_json(tmp / MANIFEST, manifest)
         os.chmod(tmp / WEIGHTS, default_mode())
         os.chmod(tmp, default_mode(directory=True))
-        if path.exists():
+        if path.exists() or path.is_symlink():
+            if not is_module_dir(path):  # never delete what is not a module folder
+                raise FedFactoryError(f"refusing to replace {path}: it is not a module folder")
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def is_module_dir(path: Path) -> bool:
+    """A real folder (not a link) holding nothing but a module's two files."""
+    return path.is_dir() and not path.is_symlink() and set(os.listdir(path)) <= {WEIGHTS, MANIFEST}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -99,11 +106,14 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def read_weights(path: str | Path, manifest: dict, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path, manifest: dict, expected: dict[str, torch.Tensor],
+                 max_bytes: int = 1 << 30) -> dict[str, torch.Tensor]:
     """Read and check the weights against the manifest's hash and the architecture's tensors."""
     wpath = Path(path) / WEIGHTS
-    if not wpath.exists():
+    if not wpath.is_file():
         raise ModuleFileError(f"{wpath}: not found")
+    if wpath.stat().st_size > max_bytes:
+        raise ModuleFileError(f"{wpath}: {wpath.stat().st_size:,} bytes, over the cap of {max_bytes:,}")
     digest = sha256_file(wpath)
     if digest != manifest["weights_sha256"]:
         raise ModuleFileError(f"{wpath}: SHA-256 {digest[:12]}... does not match the manifest's "

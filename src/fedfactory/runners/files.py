@@ -18,8 +18,10 @@ from ..classify import classifier_from_bytes, classifier_to_bytes
 from ..errors import FedFactoryError
 from ..modules import GenerativeModule, load_module
 from ..modules.fileformat import check_client_id
+from ..modules.limits import Limits
 from ..runtime import setup_runtime
-from ..server import build, check_modules, check_new_run_dir, load_test_set, receive_module, start_run
+from ..server import (build, check_modules, check_new_run_dir, load_test_set, module_limits, receive_module,
+                      start_run)
 from ..site import federation_classes, load_site_data, synthesize_for_site, train_expert, train_module
 from ..utils import atomic_write_bytes
 
@@ -40,9 +42,11 @@ def site_expert(cfg: dict, data: str, module_dirs: list[str], out: str | Path, c
     cid = check_client_id(client_id)
     setup_runtime(cfg)
     images, labels = load_site_data(cfg, data)
-    others = [load_module(d, cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for d in module_dirs]
-    synth = synthesize_for_site(cfg, others, len(federation_classes(cfg)))
-    net, stats = train_expert(cfg, cid, images, labels, len(federation_classes(cfg)), synth)
+    num_classes = len(federation_classes(cfg))
+    limits = Limits.from_config(cfg["federation"], images.shape[1:], num_classes)  # as the server checks them
+    others = [load_module(d, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits) for d in module_dirs]
+    synth = synthesize_for_site(cfg, others, num_classes)
+    net, stats = train_expert(cfg, cid, images, labels, num_classes, synth)
     atomic_write_bytes(out, classifier_to_bytes(net, cid))
     return net, stats
 
@@ -57,7 +61,8 @@ def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, 
     test = str(Path(test).resolve()) if test and Path(test).exists() else test
     test_set = load_test_set(cfg, test)
     timings = {"data": time.perf_counter() - t}
-    incoming = [load_module(d, cfg["runtime"]["device"]) for d in module_dirs]
+    limits = module_limits(cfg, test_set)
+    incoming = [load_module(d, cfg["runtime"]["device"], limits=limits) for d in module_dirs]
     ids = [m.client_id for m in incoming]
     if len(set(ids)) != len(ids):
         raise FedFactoryError(f"two module folders claim the same client id: {sorted(ids)}")
@@ -73,5 +78,5 @@ def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, 
             raise FedFactoryError(f"expert {f} names client {name!r}, which sent no module")
         experts[name] = (net, {"trained_at": "site", "file": str(f)})
     start_run(cfg, out)
-    modules = [receive_module(out, Path(d), cfg["runtime"]["device"]) for d in module_dirs]
+    modules = [receive_module(out, Path(d), limits, cfg["runtime"]["device"]) for d in module_dirs]
     return build(cfg, modules, test_set, out, timings, experts=experts, test_source=test)

@@ -25,6 +25,7 @@ from ...data.partition import client_id
 from ...errors import FedFactoryError
 from ...modules import load_module
 from ...modules.fileformat import write_module_dir
+from ...modules.limits import Limits
 from ...runtime import setup_runtime
 from ...site import federation_classes, load_site_data, synthesize_for_site, train_expert, train_module
 from ..embedded import prepare_data, site_data
@@ -70,13 +71,16 @@ def train(msg: Message, context: Context) -> Message:
             module.save(Path(str(node["keep-dir"])) / cid)
         return Message(module_content(*module.to_bytes()), reply_to=msg)
 
-    # phase "expert": the other sites' modules, verified like any module file, then the local expert.
-    # Their folders are named by position: a name from a peer is never a path.
+    # phase "expert": the other sites' modules, checked like any module file against the federation's
+    # caps and this site's image shape, then the local expert. Their folders are named by position:
+    # a name from a peer is never a path.
+    limits = Limits.from_config(cfg["federation"], images.shape[1:], num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         others = []
         for i, (blob, manifest) in enumerate(read_modules(msg.content)):
             write_module_dir(Path(tmp) / f"module-{i}", blob, manifest)
-            others.append(load_module(Path(tmp) / f"module-{i}", cfg["runtime"]["device"], cfg["runtime"]["bf16"]))
+            others.append(load_module(Path(tmp) / f"module-{i}", cfg["runtime"]["device"], cfg["runtime"]["bf16"],
+                                      limits=limits))
     synth = synthesize_for_site(cfg, others, num_classes)
     net, _ = train_expert(cfg, cid, images, labels, num_classes, synth, augment)
     return Message(weights_content(classifier_to_bytes(net, cid)), reply_to=msg)

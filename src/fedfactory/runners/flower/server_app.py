@@ -10,6 +10,8 @@ set's test split), num-nodes, wait-timeout and train-timeout (seconds).
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,9 +23,10 @@ from ...config import dumps, load_config
 from ...errors import FedFactoryError
 from ...modules import load_module
 from ...modules.fileformat import check_client_id, write_module_dir
+from ...modules.limits import Limits
 from ...registry import register
 from ...runtime import setup_runtime
-from ...server import build, load_test_set, start_run
+from ...server import build, load_test_set, module_limits, start_run
 from .messages import config_content, read_module, read_weights_blob
 
 app = ServerApp()
@@ -40,24 +43,44 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float):
-    """One round: a train message to every node; verified modules in, failures by node id."""
+def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float, limits: Limits,
+                    assigned: dict[int, str] | None = None):
+    """One round: a train message to every node; verified modules in, failures by node id.
+
+    The server decides who a node is, not its manifest: with a node map (run config node-map) a node
+    may upload only as the client id assigned to it; without one, only as an id on the roster
+    (federation.clients, when set) that no other node has claimed. A reply is written to a staging
+    folder named by node id, verified there against `limits`, and only then moved into the run."""
     messages = [Message(config_content(dumps(cfg), "module"), dst_node_id=nid, message_type="train") for nid in nodes]
     replies, failures = _exchange(grid, messages, timeout)
-    modules, owners = [], {}
-    for nid, rep in replies.items():
+    modules, owners, roster = [], {}, cfg["federation"]["clients"]
+    for nid, rep in sorted(replies.items()):
+        staging = out / ".incoming" / f"node-{nid}"
         try:
             blob, manifest = read_module(rep.content)
+            if len(blob) > limits.max_module_bytes:
+                raise FedFactoryError(f"{len(blob):,} bytes, over federation.max_module_bytes")
             cid = check_client_id(manifest.get("client_id"))
-            if cid in owners:
-                raise FedFactoryError(f"client id {cid!r} was already uploaded by node {owners[cid]}")
-            path = out / "modules" / cid
-            write_module_dir(path, blob, manifest)
-            modules.append(load_module(path, cfg["runtime"]["device"], cfg["runtime"]["bf16"]))
+            if assigned is not None and assigned.get(nid) != cid:
+                raise FedFactoryError(f"its manifest claims client id {cid!r}; this node may upload only as "
+                                      f"{assigned.get(nid)!r}")
+            if roster and cid not in roster:
+                raise FedFactoryError(f"client id {cid!r} is not on the federation's roster (federation.clients)")
+            if cid in owners or (out / "modules" / cid).exists():
+                raise FedFactoryError(f"client id {cid!r} was already uploaded" +
+                                      (f" by node {owners[cid]}" if cid in owners else ""))
+            write_module_dir(staging, blob, manifest)
+            module = load_module(staging, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
+            (out / "modules").mkdir(exist_ok=True)
+            os.replace(staging, out / "modules" / cid)
+            modules.append(module)
             owners[cid] = nid
             register(out, manifest, source=f"flower node {nid}")
         except FedFactoryError as e:
             failures[nid] = f"module rejected: {e}"
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out / ".incoming", ignore_errors=True)
     return modules, owners, failures
 
 
@@ -107,10 +130,10 @@ def _report(failures: dict) -> None:
 def _check(failures: dict, num_nodes: int, cfg: dict) -> None:
     """Report failures by node id; fail the run unless the config lets it go on without them."""
     _report(failures)
-    if failures and cfg["factory"]["missing_classes"] == "error":
+    if failures and cfg["federation"]["on_node_failure"] == "fail":
         raise FedFactoryError(f"{len(failures)} of {num_nodes} nodes failed ("
-                           + "; ".join(f"node {n}: {w}" for n, w in failures.items())
-                           + '); set factory.missing_classes="drop" to go on without them')
+                              + "; ".join(f"node {n}: {w}" for n, w in failures.items())
+                              + '); set federation.on_node_failure="continue" to go on without them')
 
 
 @app.main()
@@ -120,6 +143,19 @@ def main(grid: Grid, context: Context) -> None:
     except FedFactoryError as e:  # one clear line in the run's log (the launcher shows it), then fail the run
         print(f"fedfactory: error: {e}", flush=True)
         raise
+
+
+def parse_node_map(text: str) -> dict[int, str] | None:
+    """Run config node-map "NODE_ID=CLIENT_ID;..." (None when empty: no fixed map)."""
+    if not text.strip():
+        return None
+    out = {}
+    for item in filter(str.strip, text.split(";")):
+        nid, sep, cid = item.partition("=")
+        if not sep or not nid.strip().isdigit():
+            raise FedFactoryError(f"node-map entries are NODE_ID=CLIENT_ID, got {item!r}")
+        out[int(nid)] = check_client_id(cid.strip())
+    return out
 
 
 def serve(grid: Grid, rc: dict) -> None:
@@ -132,9 +168,11 @@ def serve(grid: Grid, rc: dict) -> None:
     test_source = str(rc.get("test", ""))
     test = load_test_set(cfg, test_source)  # before any site trains: a bad test set fails at once
     timings = {"data": time.perf_counter() - t}
+    assigned = parse_node_map(str(rc.get("node-map", "")))
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["wait-timeout"]))
     t = time.perf_counter()
-    modules, owners, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]))
+    modules, owners, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]),
+                                                module_limits(cfg, test), assigned)
     timings["modules"] = time.perf_counter() - t
     _check(failures, len(nodes), cfg)
     if not modules:
