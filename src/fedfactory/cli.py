@@ -76,7 +76,7 @@ def cmd_federate(args) -> int:
     if not nodes:
         raise FedFactoryError("give --nodes N (simulated sites) or --data DIR [DIR ...] (one site per folder)")
     result = federate(args.config, nodes, args.out, overrides=args.set, node_configs=node_configs,
-                      timeout=args.timeout, test=args.test)
+                      timeout=args.timeout, test=args.test, tls=args.tls)
     m = json.loads((Path(args.out) / "results.json").read_text())["metrics"]
     print(f"Flower run {result['run_id']}: {result['status']}")
     print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  AUROC {m['auroc']:.4f}")
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--timeout", type=float, default=7200, help="seconds the clients may take to train")
+    s.add_argument("--tls", action="store_true", help="TLS on every connection (a CA made for the run), and only "
+                   "SuperNodes whose keys were registered may join (Flower's SuperNode authentication)")
     s.set_defaults(func=cmd_federate)
 
     site = sub.add_parser("site", help="what a site does with its own data: train its module (or its expert)")
@@ -238,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     except FedFactoryError as e:
         print(f"fedfactory: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the user: a full disk, a read-only or vanished folder
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fedfactory: error: cannot write or read {where}{e.strerror or e} (files written so far are "
+              "complete; free the space or fix the folder, then rerun with --resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedfactory: interrupted (finished modules are kept; rerun with --resume)", file=sys.stderr)
         return 130

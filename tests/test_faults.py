@@ -1,0 +1,87 @@
+"""Faults on one machine: a run killed mid-way and resumed, a full disk, a read-only run folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedfactory.cli import main
+from fedfactory.config import load_config
+from fedfactory.modules import load_module
+from fedfactory.runners.embedded import run
+from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "fedfactory.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(digits_npz, tmp_path):  # noqa: F811
+    overrides = toy_overrides(digits_npz)
+    killed = tmp_path / "killed"
+    proc = _cli("run", "configs/fashion-silos.toml", "--out", str(killed), *_sets(overrides))
+    deadline = time.monotonic() + 300
+    while not (killed / "modules/client-1/manifest.json").exists():  # two modules done: kill it, hard
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    kept = {p.name for p in (killed / "modules").iterdir() if not p.name.startswith(".")}
+    assert {"client-0", "client-1"} <= kept
+
+    assert main(["run", "configs/fashion-silos.toml", "--out", str(killed), "--resume", *_sets(overrides)]) == 0
+    whole = run(load_config("configs/fashion-silos.toml", overrides), tmp_path / "whole")
+    resumed = json.loads((killed / "results.json").read_text())
+    assert resumed["metrics"] == whole["metrics"]
+    assert resumed["synthetic"]["sha256"] == whole["synthetic"]["sha256"]
+    assert [m["sha256"] for m in resumed["modules"]] == [m["sha256"] for m in whole["modules"]]
+    assert (killed / "classifiers/server.safetensors").read_bytes() == \
+        (tmp_path / "whole/classifiers/server.safetensors").read_bytes()
+    adds = [json.loads(l)["client"] for l in (killed / "audit.jsonl").read_text().splitlines()]
+    assert adds.count("client-0") == 1  # the finished modules were reused, not retrained
+    assert not [p for p in killed.rglob("*.tmp")]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 192 KiB file system (tmpfs): enough for the config and a few modules, not for a whole run."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_files(digits_npz, small_disk):  # noqa: F811
+    out = small_disk / "run"
+    proc = _cli("run", "configs/fashion-silos.toml", "--out", str(out), *_sets(toy_overrides(digits_npz)))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("fedfactory:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], err
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no half-written file or folder
+    for folder in (out / "modules").iterdir():  # every module that is there verifies
+        load_module(folder, device="cpu")
+    json.loads((out / "registry.json").read_text())
+
+
+def test_a_read_only_run_folder_is_a_clear_error(digits_npz, small_disk):  # noqa: F811
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    proc = _cli("run", "configs/fashion-silos.toml", "--out", str(small_disk / "run"), *_sets(toy_overrides(digits_npz)))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode in (1, 2) and "Traceback" not in err, err
+    assert "Read-only file system" in err and len(err.strip().splitlines()) == 1, err
