@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import struct
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from ..errors import FedFactoryError
+
+# What Pillow raises on bad, truncated or oversized files (its bomb warning is made an error where
+# images are read). Every loader that decodes an image catches exactly these.
+BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, struct.error,
+             Image.DecompressionBombError, Image.DecompressionBombWarning)
+# Array kinds that can hold pixels or class ids: bool, signed and unsigned integers, floats.
+NUMERIC_KINDS = "biuf"
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (numpy's and Pillow's may span several)."""
+    return " ".join(str(e).split())[:300]
 
 
 @dataclass
@@ -40,6 +54,8 @@ class Dataset:
                 )
             if x.dtype != np.uint8:
                 raise FedFactoryError(f"{self.name}: {split} images must be uint8, got {x.dtype}")
+            if min(x.shape[1:3]) < 1:
+                raise FedFactoryError(f"{self.name}: {split} images must be at least 1 x 1 pixels, got shape {x.shape}")
             if y.ndim != 1 or len(y) != len(x):
                 raise FedFactoryError(
                     f"{self.name}: {split} labels must be one per image, got {y.shape} for {len(x)} images"
@@ -86,11 +102,19 @@ def cap_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 def as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
     """N x H x W (grey) or N x H x W x C -> uint8 N x H x W x C."""
     x = np.asarray(x)
+    if x.dtype.kind not in NUMERIC_KINDS:
+        raise FedFactoryError(f"{where}: images must hold numbers, got dtype {x.dtype}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise FedFactoryError(f"{where}: images must be N x H x W or N x H x W x C (C = 1 or 3), got shape {x.shape}")
+    if min(x.shape[1:3]) < 1:
+        raise FedFactoryError(f"{where}: images must be at least 1 x 1 pixels, got shape {x.shape}")
     if x.dtype != np.uint8:
+        if x.dtype.kind == "b":
+            x = x.astype(np.uint8)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise FedFactoryError(f"{where}: images hold NaN or infinite values")
         if np.issubdtype(x.dtype, np.floating) and x.size and x.max() <= 1.0 and x.min() >= 0.0:
             x = np.round(x * 255.0)
         x = np.clip(x, 0, 255).astype(np.uint8)
@@ -99,13 +123,16 @@ def as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
 
 def as_labels(y: np.ndarray, where: str) -> np.ndarray:
     y = np.asarray(y)
+    if y.dtype.kind not in NUMERIC_KINDS:
+        raise FedFactoryError(f"{where}: labels must be integers, got dtype {y.dtype}")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
         raise FedFactoryError(f"{where}: labels must be N or N x 1, got shape {y.shape} (multi-label data is not supported)")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.mod(y, 1) == 0):
-            raise FedFactoryError(f"{where}: labels must be integers")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and np.all(np.mod(y, 1) == 0)):
+        raise FedFactoryError(f"{where}: labels must be integers")
+    if y.size and (y.max() > 2 ** 62 or y.min() < -(2 ** 62)):  # int64 holds them exactly, and no wrap-around
+        raise FedFactoryError(f"{where}: labels out of range: min {y.min()}, max {y.max()}")
     return y.astype(np.int64)
 
 
@@ -124,12 +151,14 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
 def load_image_file(path, size: int, grey: bool) -> np.ndarray:
     """One image file -> uint8 size x size x C (C = 1 if grey)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if grey else "RGB")
-            im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise FedFactoryError(f"cannot read image {path}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("L" if grey else "RGB")
+                im = im.resize((size, size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+    except BAD_IMAGE as e:
+        raise FedFactoryError(f"cannot read image {path}: {type(e).__name__}: {one_line(e)}") from None
     return arr.reshape(size, size, -1)
 
 

@@ -7,7 +7,6 @@ config fixes, so sites agree on ids without seeing each other's data.
 from __future__ import annotations
 
 import csv
-import struct
 import warnings
 from pathlib import Path
 
@@ -15,14 +14,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import FedFactoryError
-from .base import as_labels, as_nhwc, resize_images
+from .base import BAD_IMAGE, as_labels, as_nhwc, one_line, resize_images
 from .npz import read_npz
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-# what Pillow raises on bad, truncated or oversized files (its bomb warning is made an error below)
-BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, struct.error,
-             Image.DecompressionBombError, Image.DecompressionBombWarning)
 NPZ_KEYS = {
     "train": (("x_train", "y_train"), ("train_images", "train_labels"), ("images", "labels")),
     "test": (("x_test", "y_test"), ("test_images", "test_labels"), ("images", "labels")),
@@ -60,7 +56,7 @@ def _folder_items(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
                 for name in sorted(f.name for f in sub.iterdir() if not f.name.startswith(".")
                                    and f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)]
     except OSError as e:
-        raise FedFactoryError(f"cannot list folder {root}: {e}") from None
+        raise FedFactoryError(f"cannot list folder {root}: {one_line(e)}") from None
 
 
 def _csv_items(path: Path, class_names: list[str]) -> list[tuple[Path, int]]:
@@ -88,7 +84,7 @@ def _csv_items(path: Path, class_names: list[str]) -> list[tuple[Path, int]]:
                     raise FedFactoryError(f"{where}: image file {file} not found")
                 items.append((file, gid))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise FedFactoryError(f"cannot read CSV {path}: {e}") from None
+        raise FedFactoryError(f"cannot read CSV {path}: {one_line(e)}") from None
     return items
 
 
@@ -100,7 +96,7 @@ def _read(path: Path, fn):
             with Image.open(path) as im:
                 return fn(im)
     except BAD_IMAGE as e:
-        raise FedFactoryError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise FedFactoryError(f"cannot read image {path}: {type(e).__name__}: {one_line(e)}") from None
 
 
 def _images(items, where: str, size: int, channels: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,11 +129,11 @@ def _npz(path: Path, class_names: list[str], split: str, size: int, channels: in
          max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     if split not in NPZ_KEYS:
         raise FedFactoryError(f"{path}: split must be 'train' or 'test', got {split!r}")
-    arrays = read_npz(path)
+    arrays = read_npz(path, max_bytes=8 * max_bytes)  # checked before reading; 8: float64 pixels shrink to uint8
     keys = next((k for k in NPZ_KEYS[split] if all(key in arrays for key in k)), None)
     if keys is None:
         raise FedFactoryError(f"{path}: no {split} arrays; expected one of "
-                              f"{[list(k) for k in NPZ_KEYS[split]]}, found {sorted(arrays)}")
+                              f"{[list(k) for k in NPZ_KEYS[split]]}, found {sorted(arrays)[:20]}")
     x, y = as_nhwc(arrays[keys[0]], f"{path} {keys[0]}"), as_labels(arrays[keys[1]], f"{path} {keys[1]}")
     if len(x) != len(y) or len(x) == 0:
         raise FedFactoryError(f"{path}: {len(x)} images and {len(y)} labels in {list(keys)}; need the same, non-zero")

@@ -234,7 +234,7 @@ def load_module(path: str | Path, device: str = "auto", bf16: str = "auto", limi
     where = str(Path(path) / "manifest.json")
     manifest = read_manifest(path)
     kinds = module_kinds()
-    if manifest["kind"] not in kinds:
+    if not isinstance(manifest["kind"], str) or manifest["kind"] not in kinds:
         raise ModuleFileError(f"{where}: unknown module kind {str(manifest['kind'])[:40]!r}")
     cls = kinds[manifest["kind"]]
     check_declared(manifest, cls.presets["cpu"]["arch"], limits, where)

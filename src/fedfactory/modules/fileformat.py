@@ -89,8 +89,8 @@ def read_manifest(path: str | Path) -> dict:
         raise ModuleFileError(f"{mpath}: not found (is {path} a module folder?)")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModuleFileError(f"{mpath}: not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: JSON errors, 4,300-digit ints
+        raise ModuleFileError(f"{mpath}: not valid JSON: {str(e)[:200]}") from None
     if not isinstance(manifest, dict):
         raise ModuleFileError(f"{mpath}: must hold a JSON object")
     version = manifest.get("format_version")
@@ -120,7 +120,7 @@ def read_weights(path: str | Path, manifest: dict, expected: dict[str, torch.Ten
                               f"{str(manifest['weights_sha256'])[:12]}...: the file was altered or truncated")
     try:
         state = load_safetensors(wpath.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError) as e:
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as e:  # KeyError: a dtype torch lacks (F4, ...)
         raise ModuleFileError(f"{wpath}: not a valid safetensors file: {e}") from None
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
