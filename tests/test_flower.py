@@ -93,7 +93,7 @@ def test_a_failing_client_fails_the_run_by_node_id(toy_config, tmp_path):
 
 def test_processes_are_stopped():
     with LocalFederation(1) as fed:
-        procs = list(fed.procs)
+        procs = list(fed.procs.values())
         assert all(p.poll() is None for p in procs)
     assert all(p.poll() is not None for p in procs)
 

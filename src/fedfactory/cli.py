@@ -76,7 +76,7 @@ def cmd_federate(args) -> int:
     if not nodes:
         raise FedFactoryError("give --nodes N (simulated sites) or --data DIR [DIR ...] (one site per folder)")
     result = federate(args.config, nodes, args.out, overrides=args.set, node_configs=node_configs,
-                      timeout=args.timeout, test=args.test, tls=args.tls)
+                      timeout=args.timeout, test=args.test, tls=args.tls, resume=args.resume)
     m = json.loads((Path(args.out) / "results.json").read_text())["metrics"]
     print(f"Flower run {result['run_id']}: {result['status']}")
     print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  AUROC {m['auroc']:.4f}")
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--timeout", type=float, default=7200, help="seconds the clients may take to train")
+    s.add_argument("--resume", action="store_true", help="continue a run: the modules it already received and "
+                   "verified are kept, and their sites are not asked to train again")
     s.add_argument("--tls", action="store_true", help="TLS on every connection (a CA made for the run), and only "
                    "SuperNodes whose keys were registered may join (Flower's SuperNode authentication)")
     s.set_defaults(func=cmd_federate)

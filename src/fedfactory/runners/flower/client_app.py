@@ -29,7 +29,7 @@ from ...modules.limits import Limits
 from ...runtime import setup_runtime
 from ...site import federation_classes, load_site_data, synthesize_for_site, train_expert, train_module
 from ..embedded import prepare_data, site_data
-from .messages import module_content, read_config, read_modules, weights_content
+from .messages import have_content, module_content, read_config, read_have, read_modules, weights_content
 
 app = ClientApp()
 
@@ -66,6 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     cid, images, labels, num_classes, augment = this_site(cfg, node)
 
     if phase == "module":
+        if cid in read_have(msg.content):  # a resumed run: the server verified this site's module already
+            return Message(have_content(cid), reply_to=msg)
         module = train_module(cfg, cid, images, labels)
         if "keep-dir" in node:
             module.save(Path(str(node["keep-dir"])) / cid)

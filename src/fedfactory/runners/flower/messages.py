@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from io import BytesIO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 
+from ...data.npz import MAX_HEADER, read_npy_header
 from ...errors import FedFactoryError
+
+# What a message may carry, checked before anything is copied or parsed: a module's (or a
+# classifier's) bytes, its manifest's JSON text, and the run config's TOML text.
+MAX_MESSAGE_BYTES = 1 << 30
+MAX_MANIFEST_CHARS = 1 << 20
+MAX_CONFIG_CHARS = 1 << 20
 
 
 # The two phases of a site's work. "module": fit the generative module and reply with it (the one
@@ -16,8 +25,12 @@ from ...errors import FedFactoryError
 PHASES = ("module", "expert")
 
 
-def config_content(config_toml: str, phase: str, modules: list[tuple[bytes, dict]] = ()) -> RecordDict:
-    content = RecordDict({"fedfactory": ConfigRecord({"config-toml": config_toml, "phase": phase})})
+def config_content(config_toml: str, phase: str, modules: list[tuple[bytes, dict]] = (),
+                   have: list[str] = ()) -> RecordDict:
+    """The server's message. `have`: client ids whose modules the server already holds (a resumed run):
+    those sites answer with have_content instead of training again."""
+    content = RecordDict({"fedfactory": ConfigRecord({"config-toml": config_toml, "phase": phase,
+                                                      "have": json.dumps(sorted(have))})})
     for i, (blob, manifest) in enumerate(modules):
         content[f"module-{i}"] = _blob_record(blob)
         content[f"manifest-{i}"] = ConfigRecord({"json": json.dumps(manifest)})
@@ -25,8 +38,35 @@ def config_content(config_toml: str, phase: str, modules: list[tuple[bytes, dict
 
 
 def read_config(content: RecordDict) -> tuple[str, str]:
-    rec = content["fedfactory"]
-    return str(rec["config-toml"]), str(rec["phase"])
+    """The run config (TOML text) and the phase of a server's message; a malformed one is refused."""
+    rec = _record(content, "fedfactory", ConfigRecord, "config")
+    text, phase = rec.get("config-toml"), rec.get("phase")
+    if not isinstance(text, str) or len(text) > MAX_CONFIG_CHARS:
+        raise FedFactoryError(f"malformed config message: config-toml must be text of at most {MAX_CONFIG_CHARS:,} "
+                              f"characters, got {type(text).__name__}")
+    if phase not in PHASES:
+        raise FedFactoryError(f"malformed config message: phase must be one of {PHASES}, got {str(phase)[:40]!r}")
+    return text, phase
+
+
+def read_have(content: RecordDict) -> set[str]:
+    """The client ids the server already holds (see config_content); malformed means none."""
+    try:
+        have = json.loads(str(content["fedfactory"].get("have", "[]")))
+    except (KeyError, TypeError, ValueError, RecursionError):
+        return set()
+    return {c for c in have if isinstance(c, str)} if isinstance(have, list) else set()
+
+
+def have_content(client_id: str) -> RecordDict:
+    """A site's answer when the server already holds its module: no training, no bytes."""
+    return RecordDict({"have": ConfigRecord({"client-id": client_id})})
+
+
+def read_have_reply(content: RecordDict) -> str | None:
+    """The client id of a have_content reply, or None when the reply is something else."""
+    rec = content.get("have") if isinstance(content, RecordDict) else None
+    return str(rec.get("client-id", "")) if isinstance(rec, ConfigRecord) else None
 
 
 def _blob_record(blob: bytes) -> ArrayRecord:
@@ -34,7 +74,27 @@ def _blob_record(blob: bytes) -> ArrayRecord:
 
 
 def _blob(record) -> bytes:
-    return record["bytes"].numpy().tobytes()
+    """The bytes of a blob record: one 1-D uint8 numpy Array, checked (its size against MAX_MESSAGE_BYTES
+    first) before anything is copied. The .npy header is parsed without eval, never by np.load."""
+    if not isinstance(record, ArrayRecord):
+        raise FedFactoryError(f"expected an array record, got {type(record).__name__}")
+    arr = record.get("bytes")
+    if not isinstance(arr, Array):
+        raise FedFactoryError("the array record holds no 'bytes' array")
+    shape, data = arr.shape, arr.data
+    if arr.stype != SType.NUMPY or arr.dtype != "uint8" or not isinstance(shape, (tuple, list)) or len(shape) != 1 \
+            or type(shape[0]) is not int or not isinstance(data, bytes):
+        raise FedFactoryError(f"the 'bytes' array must be 1-D uint8 numpy data, got dtype {arr.dtype!r:.20} "
+                              f"shape {shape!r:.40} stype {arr.stype!r:.20}")
+    n = shape[0]
+    if not 0 <= n <= MAX_MESSAGE_BYTES or len(data) > MAX_MESSAGE_BYTES + MAX_HEADER + 12:
+        raise FedFactoryError(f"the 'bytes' array declares {n:,} bytes and holds {len(data):,}: "
+                              f"the cap is {MAX_MESSAGE_BYTES:,}")
+    npy_shape, _, dtype, offset = read_npy_header(BytesIO(data), "the 'bytes' array")
+    if dtype != np.uint8 or npy_shape != (n,) or len(data) - offset != n:
+        raise FedFactoryError(f"the 'bytes' array declares {n:,} uint8 bytes, its data holds {npy_shape} {dtype} "
+                              f"in {len(data) - offset:,} bytes")
+    return data[offset:]
 
 
 def module_content(blob: bytes, manifest: dict) -> RecordDict:
@@ -47,15 +107,19 @@ def weights_content(blob: bytes) -> RecordDict:
 
 def read_weights_blob(content: RecordDict) -> bytes:
     try:
-        return _blob(content["weights"])
-    except (KeyError, TypeError, ValueError) as e:
+        return _blob(_record(content, "weights", ArrayRecord, "classifier"))
+    except FedFactoryError as e:
         raise FedFactoryError(f"malformed classifier reply: {e}") from None
 
 
 def read_modules(content: RecordDict) -> list[tuple[bytes, dict]]:
+    """The modules a server sends with an expert-phase message: module-0, manifest-0, module-1, ..."""
     out, i = [], 0
     while f"module-{i}" in content:
-        out.append(_checked(_blob(content[f"module-{i}"]), json.loads(str(content[f"manifest-{i}"]["json"]))))
+        try:
+            out.append(_checked(_blob(content[f"module-{i}"]), _manifest(_record(content, f"manifest-{i}", ConfigRecord))))
+        except FedFactoryError as e:
+            raise FedFactoryError(f"malformed module {i} in the server's message: {e}") from None
         i += 1
     return out
 
@@ -63,14 +127,41 @@ def read_modules(content: RecordDict) -> list[tuple[bytes, dict]]:
 def read_module(content: RecordDict) -> tuple[bytes, dict]:
     """Bytes and manifest of a reply; refuses one whose bytes do not hash to its manifest."""
     try:
-        return _checked(_blob(content["module"]), json.loads(str(content["manifest"]["json"])))
-    except (KeyError, TypeError, ValueError) as e:
+        return _checked(_blob(_record(content, "module", ArrayRecord)), _manifest(_record(content, "manifest", ConfigRecord)))
+    except FedFactoryError as e:
         raise FedFactoryError(f"malformed module reply: {e}") from None
+
+
+def _record(content, key: str, kind: type, what: str = ""):
+    """content[key], which must be a record of type `kind`."""
+    if not isinstance(content, RecordDict):
+        raise FedFactoryError(f"expected a RecordDict, got {type(content).__name__}")
+    if key not in content:
+        raise FedFactoryError(f"{what + ' message' if what else 'message'} has no {key!r} record")
+    rec = content[key]
+    if not isinstance(rec, kind):
+        raise FedFactoryError(f"{key!r} must be a {kind.__name__}, got {type(rec).__name__}")
+    return rec
+
+
+def _manifest(rec: ConfigRecord) -> dict:
+    """The manifest's JSON text -> a dict (a bounded text, parsed without recursion errors escaping)."""
+    text = rec.get("json")
+    if not isinstance(text, str) or len(text) > MAX_MANIFEST_CHARS:
+        raise FedFactoryError(f"the manifest must be JSON text of at most {MAX_MANIFEST_CHARS:,} characters, "
+                              f"got {type(text).__name__}" + (f" of {len(text):,}" if isinstance(text, str) else ""))
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting overflows the parser
+        raise FedFactoryError(f"the manifest is not valid JSON: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(manifest, dict):
+        raise FedFactoryError(f"the manifest must be a JSON object, got {type(manifest).__name__}")
+    return manifest
 
 
 def _checked(blob: bytes, manifest: dict) -> tuple[bytes, dict]:
     digest = hashlib.sha256(blob).hexdigest()
-    if digest != manifest.get("weights_sha256"):
-        raise FedFactoryError(f"module bytes hash to {digest[:16]}..., its manifest says "
-                              f"{str(manifest.get('weights_sha256'))[:16]}...")
+    if not isinstance(manifest, dict) or digest != manifest.get("weights_sha256"):
+        claim = manifest.get("weights_sha256") if isinstance(manifest, dict) else None
+        raise FedFactoryError(f"module bytes hash to {digest[:16]}..., its manifest says {str(claim)[:16]!r}...")
     return blob, manifest

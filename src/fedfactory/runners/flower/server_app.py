@@ -22,12 +22,12 @@ from ...classify import classifier_from_bytes
 from ...config import dumps, load_config
 from ...errors import FedFactoryError
 from ...modules import load_module
-from ...modules.fileformat import check_client_id, write_module_dir
+from ...modules.fileformat import check_client_id, is_module_dir, write_module_dir
 from ...modules.limits import Limits
-from ...registry import register
+from ...registry import read_registry, register
 from ...runtime import setup_runtime
 from ...server import build, load_test_set, module_limits, start_run
-from .messages import config_content, read_module, read_weights_blob
+from .messages import config_content, read_have_reply, read_module, read_weights_blob
 
 app = ServerApp()
 
@@ -44,31 +44,45 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 
 def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float, limits: Limits,
-                    assigned: dict[int, str] | None = None):
+                    assigned: dict[int, str] | None = None, kept: dict | None = None):
     """One round: a train message to every node; verified modules in, failures by node id.
 
-    The server decides who a node is, not its manifest: with a node map (run config node-map) a node
-    may upload only as the client id assigned to it; without one, only as an id on the roster
-    (federation.clients, when set) that no other node has claimed. A reply is written to a staging
-    folder named by node id, verified there against `limits`, and only then moved into the run."""
-    messages = [Message(config_content(dumps(cfg), "module"), dst_node_id=nid, message_type="train") for nid in nodes]
-    replies, failures = _exchange(grid, messages, timeout)
-    modules, owners, roster = [], {}, cfg["federation"]["clients"]
-    for nid, rep in sorted(replies.items()):
+    The server decides who a node is, not its manifest: with an identity map (SuperNode names from
+    authentication, or the run config node-map) a node may upload only as the client id assigned to
+    it; without one, only as an id on the roster (federation.clients, when set) that no other node
+    has claimed. A reply is written to a staging folder named by node id, verified there against
+    `limits`, and only then moved into the run. `kept`: client id -> module this run already holds
+    (resume); their sites answer without training."""
+    modules, owners, failures, roster, kept = [], {}, {}, cfg["federation"]["clients"], kept or {}
+
+    def admit(nid: int, cid) -> str:
+        """The client id a node may hold, or a rejection naming why."""
+        cid = check_client_id(cid)
+        if assigned is not None and assigned.get(nid) != cid:
+            raise FedFactoryError(f"it claims client id {cid!r}; this node may upload only as {assigned.get(nid)!r}")
+        if roster and cid not in roster:
+            raise FedFactoryError(f"client id {cid!r} is not on the federation's roster (federation.clients)")
+        if cid in owners:
+            raise FedFactoryError(f"client id {cid!r} was already uploaded by node {owners[cid]}")
+        return cid
+
+    def receive(nid: int, rep: Message) -> None:
         staging = out / ".incoming" / f"node-{nid}"
         try:
+            have = read_have_reply(rep.content)
+            if have is not None:  # resume: the site says the server holds its module already
+                cid = admit(nid, have)
+                if cid not in kept:
+                    raise FedFactoryError(f"node says the server holds the module of {cid!r}; it does not")
+                modules.append(kept[cid])
+                owners[cid] = nid
+                return
             blob, manifest = read_module(rep.content)
             if len(blob) > limits.max_module_bytes:
                 raise FedFactoryError(f"{len(blob):,} bytes, over federation.max_module_bytes")
-            cid = check_client_id(manifest.get("client_id"))
-            if assigned is not None and assigned.get(nid) != cid:
-                raise FedFactoryError(f"its manifest claims client id {cid!r}; this node may upload only as "
-                                      f"{assigned.get(nid)!r}")
-            if roster and cid not in roster:
-                raise FedFactoryError(f"client id {cid!r} is not on the federation's roster (federation.clients)")
-            if cid in owners or (out / "modules" / cid).exists():
-                raise FedFactoryError(f"client id {cid!r} was already uploaded" +
-                                      (f" by node {owners[cid]}" if cid in owners else ""))
+            cid = admit(nid, manifest.get("client_id"))
+            if (out / "modules" / cid).exists():
+                raise FedFactoryError(f"client id {cid!r} was already uploaded")
             write_module_dir(staging, blob, manifest)
             module = load_module(staging, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
             (out / "modules").mkdir(exist_ok=True)
@@ -80,23 +94,59 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
             failures[nid] = f"module rejected: {e}"
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    messages = [Message(config_content(dumps(cfg), "module", have=list(kept)), dst_node_id=nid, message_type="train")
+                for nid in nodes]
+    _, silent = _exchange(grid, messages, timeout, on_reply=receive)
     shutil.rmtree(out / ".incoming", ignore_errors=True)
-    return modules, owners, failures
+    modules += [m for cid, m in kept.items() if cid not in owners]  # verified before: no need of their nodes
+    return modules, owners, {**failures, **silent}
 
 
-def _exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[dict, dict]:
-    """Send, wait; replies by node id, and failures (errors, silence) by node id."""
-    replies = {rep.metadata.src_node_id: rep for rep in grid.send_and_receive(messages, timeout=timeout)}
-    ok, failures = {}, {}
-    for m in messages:
-        nid = m.metadata.dst_node_id
-        rep = replies.get(nid)
-        if rep is None:
-            failures[nid] = f"no reply within {timeout:.0f} s"
-        elif rep.has_error():
-            failures[nid] = f"ClientApp failed: {rep.error.reason}"
-        else:
+def kept_modules(cfg: dict, out: Path, limits: Limits) -> dict:
+    """A resumed run's modules that still verify (hash against the registry, file and limits checks).
+    One that does not is removed, so that its site uploads it again."""
+    kept = {}
+    if not (out / "registry.json").exists():
+        return kept
+    for cid, entry in read_registry(out)["modules"].items():
+        folder = out / "modules" / check_client_id(cid)
+        try:
+            m = load_module(folder, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
+            if m.saved_manifest["weights_sha256"] != entry["sha256"] or m.client_id != cid:
+                raise FedFactoryError("it does not match the registry")
+            kept[cid] = m
+        except FedFactoryError as e:
+            print(f"fedfactory: resume: the module of {cid} is set aside and asked for again: {e}", flush=True)
+            if is_module_dir(folder):
+                shutil.rmtree(folder)
+    return kept
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float, on_reply=None) -> tuple[dict, dict]:
+    """Send, then take replies as they come: `on_reply(node_id, reply)` runs at once for each good one
+    (so a module is verified and stored before the others arrive, and survives a crash after it).
+    Returns replies and failures (errors, silence), both by node id."""
+    node_of = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+    pending, ok, failures = set(node_of), {}, {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for rep in grid.pull_messages(pending):
+            mid = rep.metadata.reply_to_message_id
+            if mid not in pending:
+                continue
+            pending.discard(mid)
+            nid = node_of[mid]
+            if rep.has_error():
+                failures[nid] = f"ClientApp failed: {rep.error.reason}"
+                continue
             ok[nid] = rep
+            if on_reply:
+                on_reply(nid, rep)
+        if pending:
+            time.sleep(1.0)
+    for mid in pending:
+        failures[node_of[mid]] = f"no reply within {timeout:.0f} s"
     return ok, failures
 
 
@@ -158,21 +208,34 @@ def parse_node_map(text: str) -> dict[int, str] | None:
     return out
 
 
+def identities(grid: Grid, nodes: list[int], node_map: str) -> dict[int, str] | None:
+    """Which client id each node may upload as: the run config node-map, else the names under which
+    the coordinator registered the SuperNodes' keys (`flwr supernode register KEY --name CLIENT_ID`,
+    with --enable-supernode-auth). None when neither is given: first come, roster permitting."""
+    explicit = parse_node_map(node_map)
+    if explicit is not None:
+        return explicit
+    names = {n.node_id: n.name for n in grid.get_nodes() if n.node_id in nodes and n.name}
+    return names or None
+
+
 def serve(grid: Grid, rc: dict) -> None:
     overrides = [o for o in str(rc.get("overrides", "")).split(";") if o.strip()]
     cfg = load_config(str(rc["config"]), overrides)
     out = Path(str(rc["out"]))
-    start_run(cfg, out)
+    resume = bool(rc.get("resume", False))
+    start_run(cfg, out, resume)
     setup_runtime(cfg)
     t = time.perf_counter()
     test_source = str(rc.get("test", ""))
     test = load_test_set(cfg, test_source)  # before any site trains: a bad test set fails at once
     timings = {"data": time.perf_counter() - t}
-    assigned = parse_node_map(str(rc.get("node-map", "")))
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["wait-timeout"]))
+    assigned = identities(grid, nodes, str(rc.get("node-map", "")))
     t = time.perf_counter()
-    modules, owners, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]),
-                                                module_limits(cfg, test), assigned)
+    limits = module_limits(cfg, test)
+    modules, owners, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]), limits, assigned,
+                                                kept_modules(cfg, out, limits) if resume else None)
     timings["modules"] = time.perf_counter() - t
     _check(failures, len(nodes), cfg)
     if not modules:
