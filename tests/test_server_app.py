@@ -1,0 +1,92 @@
+"""The ServerApp's identity rules, with a stand-in for Flower's Grid: who may upload as whom."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fedfactory.config import load_config
+from fedfactory.errors import FedFactoryError
+from fedfactory.modules.diffusion import DiffusionModule
+from fedfactory.modules.limits import Limits
+from fedfactory.runners.flower.messages import have_content, module_content
+from fedfactory.runners.flower.server_app import collect_modules, parse_node_map
+
+
+@pytest.fixture(autouse=True)
+def in_a_run(monkeypatch):
+    """Flower builds a Message only inside a run (the ServerApp's process knows its run id)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for identity in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, identity, 1)
+
+
+@pytest.fixture(scope="module")
+def module_bytes():
+    x = np.random.default_rng(0).integers(0, 255, (32, 8, 8, 1), dtype=np.uint8)
+    m = DiffusionModule({"channels": 8, "channel_mult": [1, 2], "num_blocks": 1}, {"budget_images": 32, "batch_size": 16},
+                        client_id="client-0", progress=False).fit(x, np.full(32, 1))
+    return m.to_bytes()
+
+
+class FakeGrid:
+    """Replies, by node id, to whatever the server pushes; they arrive in node id order."""
+
+    def __init__(self, replies: dict):
+        self.replies, self.sent = replies, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            ids.append(f"msg-{m.metadata.dst_node_id}")
+            self.sent[m.metadata.dst_node_id] = m
+        return ids
+
+    def pull_messages(self, ids):
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid), has_error=lambda: False,
+                                content=self.replies[int(mid.split("-")[1])])
+                for mid in sorted(ids, key=lambda mid: int(mid.split("-")[1]))]
+
+
+def as_client(blob_manifest, cid):
+    blob, manifest = blob_manifest
+    return module_content(blob, {**manifest, "client_id": cid})
+
+
+def test_the_server_decides_who_a_node_is(module_bytes, tmp_path):
+    cfg = load_config(None, ["federation.clients=['client-0', 'client-1']"])
+    limits = Limits(image_shape=(8, 8, 1), num_classes=2)
+    replies = {11: as_client(module_bytes, "client-0"), 22: as_client(module_bytes, "client-0"),   # a duplicate
+               33: as_client(module_bytes, "client-9"), 44: as_client(module_bytes, "client-1")}   # off the roster
+    modules, owners, failures = collect_modules(FakeGrid(replies), [11, 22, 33, 44], cfg, tmp_path, 5, limits)
+    assert owners == {"client-0": 11, "client-1": 44} and sorted(m.client_id for m in modules) == ["client-0", "client-1"]
+    assert "already uploaded by node 11" in failures[22] and "not on the federation's roster" in failures[33]
+
+    # with a node map, node 22 is client-0 and node 11 an impostor, whatever the order of replies
+    out = tmp_path / "mapped"
+    modules, owners, failures = collect_modules(FakeGrid(replies), [11, 22], cfg, out, 5, limits,
+                                                assigned={11: "client-1", 22: "client-0"})
+    assert owners == {"client-0": 22} and "may upload only as 'client-1'" in failures[11]
+    assert sorted(p.name for p in (out / "modules").iterdir()) == ["client-0"]
+
+
+def test_a_resumed_run_takes_have_only_for_modules_it_holds(module_bytes, tmp_path):
+    cfg, limits = load_config(None), Limits(image_shape=(8, 8, 1), num_classes=2)
+    collect_modules(FakeGrid({1: as_client(module_bytes, "client-0")}), [1], cfg, tmp_path, 5, limits)
+    from fedfactory.runners.flower.server_app import kept_modules
+
+    kept = kept_modules(cfg, tmp_path, limits)
+    grid = FakeGrid({1: have_content("client-0"), 2: have_content("client-1")})  # client-1 was never received
+    modules, owners, failures = collect_modules(grid, [1, 2], cfg, tmp_path, 5, limits, kept=kept)
+    assert owners == {"client-0": 1} and "it does not" in failures[2]
+    assert json.loads(str(grid.sent[1].content["fedfactory"]["have"])) == ["client-0"]
+
+
+def test_node_map_syntax():
+    assert parse_node_map("") is None
+    assert parse_node_map("12=hospital-a; 34=hospital-b") == {12: "hospital-a", 34: "hospital-b"}
+    for bad in ("12:hospital-a", "x=hospital-a", "12=../etc"):
+        with pytest.raises(FedFactoryError):
+            parse_node_map(bad)
