@@ -7,9 +7,13 @@ import torch
 from .modules.base import resolve_device, use_bf16
 
 
+# torch's own choice (the physical cores), kept so that runtime.threads = 0 restores it: float results
+# depend on the thread count, and an earlier run in the same process may have changed it.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def setup_runtime(cfg: dict) -> None:
-    if cfg["runtime"]["threads"] > 0:
-        torch.set_num_threads(cfg["runtime"]["threads"])
+    torch.set_num_threads(cfg["runtime"]["threads"] or DEFAULT_THREADS)
 
 
 def classifier_kw(cfg: dict, augment: str = "natural") -> dict:
