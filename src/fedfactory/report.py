@@ -89,7 +89,7 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     m = results["metrics"]
     cfg = results["config"]
     lines = [
-        f"# FederatedFactory run: {cfg['data']['name']}, {cfg['partition']['scheme']}, "
+        f"# FederatedFactory run: {results['dataset']['name']}, {results['dataset']['partition']}, "
         f"{len(results['clients'])} clients, {cfg['classifier']['mode']} mode",
         "",
         f"Seed {cfg['seed']}; {cfg['module']['kind']} modules ({cfg['module']['preset']} preset); "

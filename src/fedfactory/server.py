@@ -175,7 +175,10 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
                for m in modules}
     results = {
         "library_version": __version__, "config": cfg,
-        "dataset": {"name": cfg["data"]["name"], "image_shape": list(test.image_shape), "class_names": test.class_names,
+        "dataset": {"name": test.name if test_source else cfg["data"]["name"],
+                    # a simulated federation partitions a public data set; otherwise each site had its own
+                    "partition": "sites' own data" if test_source else cfg["partition"]["scheme"],
+                    "image_shape": list(test.image_shape), "class_names": test.class_names,
                     "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
         "test": {"source": test_source, "name": test.name, "images": len(test.labels), "sha256": images_digest(test)},
         "metrics": metrics,

@@ -30,7 +30,8 @@ def site_train(cfg: dict, data: str, out: str | Path, client_id: str = "") -> Ge
     """A site makes its module alone, from its own data only; the client id defaults to the folder name of `out`."""
     out = Path(out)
     cid = check_client_id(client_id or out.resolve().name)
-    check_new_run_dir(out)
+    if out.exists() and any(out.iterdir()):
+        raise FedFactoryError(f"{out} already holds files: choose another --out for this module")
     setup_runtime(cfg)
     module = train_module(cfg, cid, *load_site_data(cfg, data))
     module.save(out)

@@ -5,7 +5,8 @@ report). It holds the modules and a test set, never a training image.
 Run config ([tool.flwr.app.config] in app/pyproject.toml, or flwr run --run-config):
 config (path of a fedfactory TOML), overrides ("key=value;key=value"), out (run folder),
 test (the server's test set: a folder, CSV or .npz, or a data set name; empty = the config's data
-set's test split), num-nodes, wait-timeout and train-timeout (seconds).
+set's test split), resume (keep the modules already received and verified in out), node-map
+("NODE_ID=CLIENT_ID;..."), num-nodes, wait-timeout and train-timeout (seconds).
 """
 
 from __future__ import annotations
