@@ -90,3 +90,31 @@ def test_node_map_syntax():
     for bad in ("12:hospital-a", "x=hospital-a", "12=../etc"):
         with pytest.raises(FedFactoryError):
             parse_node_map(bad)
+
+
+def test_a_site_refuses_hostile_modules_in_local_mode(module_bytes, tmp_path):
+    """The other sites' modules reach a site in the expert message: one whose client id is a path, or
+    whose declared network is over the caps, is refused there, and nothing is written outside."""
+    from flwr.app import Context, Message, RecordDict
+    from PIL import Image
+
+    from fedfactory.config import dumps
+    from fedfactory.modules.fileformat import ModuleFileError
+    from fedfactory.runners.flower import client_app
+    from fedfactory.runners.flower.messages import config_content
+
+    site = tmp_path / "hospital-b" / "b"
+    site.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(site / f"{i}.png")
+    cfg = load_config(None, ["data.classes=['a', 'b']", "classifier.mode='local'", "runtime.progress=false"])
+    context = Context(run_id=1, node_id=1, node_config={"data": str(tmp_path / "hospital-b")}, state=RecordDict(),
+                      run_config={})
+    blob, manifest = module_bytes
+    huge = {"channels": 1024, "channel_mult": [16] * 6, "num_blocks": 8, "attn_resolutions": [], "dropout": 0.0}
+    for hostile, why in (({**manifest, "client_id": "../../victim"}, "client id"),
+                         ({**manifest, "arch": huge}, "parameters, over the cap")):
+        msg = Message(config_content(dumps(cfg), "expert", [(blob, hostile)]), dst_node_id=1, message_type="train")
+        with pytest.raises(ModuleFileError, match=why):
+            client_app.train(msg, context)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital-b"]
