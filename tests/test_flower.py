@@ -37,6 +37,16 @@ progress = false
 """
 
 
+def assert_same_run(flower_dir, embedded_dir, embedded: dict) -> None:
+    """A Flower run equals the embedded one: metrics, synthetic set, and every module byte for byte."""
+    flower = json.loads((flower_dir / "results.json").read_text())
+    assert flower["metrics"] == embedded["metrics"]
+    assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
+    for cid in ("client-0", "client-1", "client-2"):
+        assert (flower_dir / "modules" / cid / "module.safetensors").read_bytes() == \
+            (embedded_dir / "modules" / cid / "module.safetensors").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def toy_config(tmp_path_factory):
     d = load_digits()
@@ -120,9 +130,4 @@ def test_sites_use_their_own_folders_and_the_server_holds_only_a_test_set(toy_co
     result = federate(toy_config, 3, tmp_path / "flower", overrides=nowhere, node_configs=sites,
                       test=str(tmp_path / "test-only.npz"), timeout=300)
     assert result["status"] == "finished:completed"
-    flower = json.loads((tmp_path / "flower/results.json").read_text())
-    assert flower["metrics"] == embedded["metrics"]
-    assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
-    for cid in ("client-0", "client-1", "client-2"):
-        assert (tmp_path / "flower/modules" / cid / "module.safetensors").read_bytes() == \
-            (tmp_path / "embedded/modules" / cid / "module.safetensors").read_bytes()
+    assert_same_run(tmp_path / "flower", tmp_path / "embedded", embedded)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedfactory.runners.flower.federation import LocalFederation, federate, flower_tools_missing, write_node_keys
-from test_flower import toy_config  # noqa: F401  (fixture)
+from test_flower import assert_same_run, toy_config  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(bool(flower_tools_missing()), reason="Flower CLI not installed")]
@@ -23,12 +23,7 @@ def test_one_shot_federation_over_tls_matches_the_embedded_run(toy_config, tmp_p
     assert result["status"] == "finished:completed"
     assert "Uvicorn running on https://" in (Path(result["workdir"]) / "superlink.log").read_text()
     embedded = run(load_config(toy_config), tmp_path / "embedded")
-    flower = json.loads((tmp_path / "flower/results.json").read_text())
-    assert flower["metrics"] == embedded["metrics"]
-    assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
-    for cid in ("client-0", "client-1", "client-2"):
-        assert (tmp_path / "flower/modules" / cid / "module.safetensors").read_bytes() == \
-            (tmp_path / "embedded/modules" / cid / "module.safetensors").read_bytes()
+    assert_same_run(tmp_path / "flower", tmp_path / "embedded", embedded)
     # every module came from a node the SuperLink knows by its registered key
     sources = {json.loads(l)["source"] for l in (tmp_path / "flower/audit.jsonl").read_text().splitlines()}
     assert sources == {f"flower node {nid}" for nid in result["node_ids"]} and len(sources) == 3
