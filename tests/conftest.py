@@ -31,6 +31,25 @@ def toy_images():
 
 
 @pytest.fixture
+def device_reads(monkeypatch):
+    """A list that grows by one each time fedfactory's own code reads a tensor's value back to the host
+    (`.item()`): on a GPU, each read waits for all queued work."""
+    import sys
+
+    import torch
+
+    calls, item = [], torch.Tensor.item
+
+    def counted(t):
+        if "fedfactory" in sys._getframe(1).f_code.co_filename:
+            calls.append(1)
+        return item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    return calls
+
+
+@pytest.fixture
 def fashion_idx_dir(tmp_path):
     """A miniature Fashion-MNIST folder in the original IDX .gz format."""
     rng = np.random.default_rng(1)

@@ -51,7 +51,7 @@ def test_module_keys_left_out_take_the_presets_values(kind):
     from fedfactory.modules.base import module_kinds
     from fedfactory.site import new_module
 
-    for preset in ("cpu", "gpu"):
+    for preset in ("cpu", "gpu", "paper"):
         module = new_module(load_config(None, [f"module.kind={kind}", f"module.preset={preset}"]), "c")
         assert module.train_cfg == module_kinds()[kind].presets[preset]["train"]
     module = new_module(load_config(None, [f"module.kind={kind}", "module.preset=gpu", "module.lr=0.01"]), "c")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fedfactory.errors import FedFactoryError
+from fedfactory.modules import base
 from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.modules.cvae import CVAEModule
 from fedfactory.modules.diffusion import DiffusionModule, heun_sampler
@@ -57,6 +58,36 @@ def test_sampling_is_a_fixed_sequence(trained):
     m = trained[0]
     long, short = m.sample(5, 130, seed=3), m.sample(5, 17, seed=3)
     assert np.array_equal(long[:17], short)
+
+
+def test_sampling_several_chunks_per_call_keeps_each_chunks_noise(trained, monkeypatch):
+    # A GPU samples several chunks in one network call; every chunk must keep its own noise stream,
+    # so the images are those of one chunk per call, up to float rounding across batch sizes.
+    m = trained[0]
+    one = m.sample(2, 250, seed=4)
+    monkeypatch.setattr(base, "chunks_per_call", lambda device, shape: 2)
+    two = m.sample(2, 250, seed=4)
+    assert one.shape == two.shape == (250, 12, 12, 1)
+    assert np.abs(one.astype(int) - two).max() <= 2
+    assert np.abs(one.astype(int) - m.sample(2, 250, seed=5)).mean() > 10 * np.abs(one.astype(int) - two).mean() + 1
+
+
+def test_batch_indices_drawn_in_blocks_are_the_per_step_draws():
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    blocks = list(base.index_blocks(a, 1000, 16, base.INDEX_BLOCK + 3, torch.device("cpu")))
+    assert len(blocks) == base.INDEX_BLOCK + 3
+    assert all(np.array_equal(blk.numpy(), b.integers(0, 1000, 16)) for blk in blocks)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "cvae"])
+def test_training_reads_no_value_back_from_the_device_per_step(kind, device_reads):
+    # A GPU waits for every value read back to the host: fit may do so for the progress bar and once
+    # at the end, never every step.
+    rng = np.random.default_rng(0)
+    m = tiny(kind)
+    m.train_cfg["budget_images"] = 16 * 30
+    m.fit(rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), np.array([0, 1] * 20))
+    assert len(device_reads) <= 1
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "cvae"])
@@ -164,4 +195,5 @@ def test_presets_sizes():
         return sum(p.numel() for p in m.build_network().parameters())
 
     assert params("cpu", 28, 1) < 2_000_000
-    assert params("gpu", 32, 3) > 20_000_000
+    assert 5_000_000 < params("gpu", 32, 3) < 15_000_000
+    assert params("paper", 32, 3) > 30_000_000

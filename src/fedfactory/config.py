@@ -52,7 +52,7 @@ DEFAULTS: dict = {
         # Every module key is optional: a key left out takes the module preset's value (kinds and
         # presets differ; see modules/diffusion.py and modules/cvae.py).
         "kind": "diffusion",  # diffusion | cvae
-        "preset": "cpu",      # cpu | gpu: architecture and batch size
+        "preset": "cpu",      # cpu | gpu (minutes on one GPU) | paper (the paper's scale): network and budgets
         "channels": FromPreset(0),         # U-Net base channels
         "channel_mult": FromPreset([]),    # per resolution level
         "num_blocks": FromPreset(0),       # residual blocks per level
@@ -112,6 +112,7 @@ DEFAULTS: dict = {
         "threads": 0,       # torch CPU threads (0 = all cores; with parallel_clients, cores / workers each)
         "parallel_clients": 1,  # client modules trained at once, in separate processes
         "compile": False,   # torch.compile on GPU
+        "deterministic": True,  # GPU: deterministic kernels (same GPU, driver and torch give the same bits)
         "progress": True,
     },
 }
@@ -230,7 +231,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 
 
 CHOICES = {
-    "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu"),
+    "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu", "paper"),
     "factory.aggregation": ("weighted", "uniform"), "factory.missing_classes": ("error", "drop"),
     "classifier.missing_experts": ("error", "drop"), "federation.on_node_failure": ("fail", "continue"), "data.channels": (0, 1, 3),
     "classifier.mode": ("server", "local"), "classifier.preset": ("cpu", "gpu"),

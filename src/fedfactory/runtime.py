@@ -1,6 +1,8 @@
-"""Runtime settings shared by sites and the server: threads, device, bf16."""
+"""Runtime settings shared by sites and the server: threads, device, bf16, GPU determinism."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -13,7 +15,23 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 
 def setup_runtime(cfg: dict) -> None:
-    torch.set_num_threads(cfg["runtime"]["threads"] or DEFAULT_THREADS)
+    rt = cfg["runtime"]
+    torch.set_num_threads(rt["threads"] or DEFAULT_THREADS)
+    if resolve_device(rt["device"]).type == "cuda":
+        cuda_determinism(rt["deterministic"])
+
+
+def cuda_determinism(on: bool) -> None:
+    """Deterministic GPU kernels (cuDNN, cuBLAS, scatter/index ops) or the fastest ones.
+
+    An op with no deterministic CUDA kernel warns, naming itself, rather than stopping a run;
+    benchmarks/gpu_check.py compares two identical fits by hash to show what holds.
+    """
+    if on:  # cuBLAS reads this when its first handle is made: before any GPU matrix product
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def classifier_kw(cfg: dict, augment: str = "natural") -> dict:

@@ -40,6 +40,8 @@ def new_module(cfg: dict, client_id: str) -> GenerativeModule:
     """An untrained module: the config's module keys over the preset's values."""
     m = cfg["module"]
     cls = module_kinds()[m["kind"]]
+    if m["preset"] not in cls.presets:
+        raise FedFactoryError(f"module kind {m['kind']!r} has no preset {m['preset']!r}; use one of {', '.join(cls.presets)}")
     preset = cls.presets[m["preset"]]
     unknown = [k for k in m if k not in ("kind", "preset") and k not in preset["arch"] and k not in preset["train"]]
     if unknown:

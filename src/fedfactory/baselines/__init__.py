@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..classify import build_classifier, predict_log_proba, product_of_experts, train_classifier
 from ..classify.augment import augment
+from ..classify.train import cross_entropy
 from ..data import Dataset, Partition
 from ..errors import FedFactoryError
 from ..modules.base import resolve_device, to_float, use_bf16
@@ -72,7 +72,7 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
 
     def loss_fn(model, x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return F.cross_entropy(model(x).float(), y)
+            return cross_entropy(model(x), y)
 
     curve = []
 

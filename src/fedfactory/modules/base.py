@@ -31,11 +31,33 @@ from .fileformat import read_manifest, read_weights, serialize, write_module_dir
 # Images are generated in fixed chunks, each with its own noise stream: asking for n images
 # always gives the first n of the same sequence, whatever n is (what makes synthesis exact).
 SAMPLE_CHUNK = 100
+# A GPU samples several chunks per network call (about this many pixels), a CPU one: small
+# calls are launch-bound on a large GPU, and on a CPU one chunk keeps the shipped bits.
+GPU_SAMPLE_PIXELS = 1 << 21
+# Batch indices are drawn on the host this many steps at a time and copied once per block.
+INDEX_BLOCK = 512
+
+
+def to_model(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x C (on any device) -> float N x C x H x W in [-1, 1]."""
+    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
-    return torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    """uint8 N x H x W x C array -> float N x C x H x W tensor in [-1, 1]."""
+    return to_model(torch.from_numpy(np.require(images, requirements=["C", "W"])))
+
+
+def chunks_per_call(device: torch.device, image_shape: tuple[int, int, int]) -> int:
+    h, w, _ = image_shape
+    return max(1, GPU_SAMPLE_PIXELS // (SAMPLE_CHUNK * h * w)) if device.type == "cuda" else 1
+
+
+def index_blocks(rng: np.random.Generator, high: int, batch: int, steps: int, device: torch.device):
+    """Per-step batch indices (uniform with replacement), copied to the device a block at a time:
+    the same numbers as one `rng.integers(0, high, batch)` per step, without a copy per step."""
+    for first in range(0, steps, INDEX_BLOCK):
+        yield from torch.from_numpy(rng.integers(0, high, (min(INDEX_BLOCK, steps - first), batch))).to(device)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -95,8 +117,12 @@ class GenerativeModule(ABC):
     def loss(self, net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor: ...
 
     @abstractmethod
-    def generate(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Images in [-1, 1] for local labels, from the EMA network, with noise from `gen`."""
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of one image's sampling noise (drawn from N(0, I))."""
+
+    @abstractmethod
+    def generate(self, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] for local labels, from the EMA network, deterministic given `noise`."""
 
     # -- shared machinery ------------------------------------------------------------
     @property
@@ -122,20 +148,22 @@ class GenerativeModule(ABC):
             net = self.build_network().to(self.device)
         ema = copy.deepcopy(net).requires_grad_(False)
         train_net = torch.compile(net) if self.compile and self.device.type == "cuda" else net
-        opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
-        x_all = to_float(images).to(self.device)
+        cuda = self.device.type == "cuda"
+        opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), fused=cuda)
+        # The images stay uint8 on the device (a quarter of float32's memory), converted per batch.
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         y_all = torch.from_numpy(local).to(self.device)
         order_rng = np.random.default_rng(derive_seed(self.seed, self.client_id, "batches"))
         gen = torch.Generator(self.device).manual_seed(derive_seed(self.seed, self.client_id, "noise"))
         warmup = max(1, int(cfg.get("warmup_images", 0)) // batch)
+        ema_params, net_params = list(ema.parameters()), list(net.parameters())
 
         net.train()
         t0, seen, loss_avg = time.perf_counter(), 0, None
         bar = tqdm(range(steps), desc=f"{self.kind} {self.client_id}", unit="step", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
-        for step in bar:
-            idx = torch.from_numpy(order_rng.integers(0, len(x_all), batch)).to(self.device)
-            x, y = x_all[idx], y_all[idx]
+        for step, idx in zip(bar, index_blocks(order_rng, len(pixels), batch, steps, self.device)):
+            x, y = to_model(pixels[idx]), y_all[idx]
             if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
                 flip = torch.rand(batch, generator=gen, device=self.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -151,18 +179,20 @@ class GenerativeModule(ABC):
             halflife = min(cfg["ema_halflife_images"], seen * 0.1)
             beta = 0.5 ** (batch / max(halflife, 1e-8))
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(p, 1.0 - beta)
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-            if step % 20 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+            # A running mean kept on the device: reading it (a host sync) only when the bar shows it.
+            loss = loss.detach().double()
+            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            if self.progress and (step % 20 == 0 or step == steps - 1):
+                bar.set_postfix(loss=f"{loss_avg.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         for be, b in zip(ema.buffers(), net.buffers()):
             be.copy_(b)
         self.net = ema.eval()
+        final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
         wall = time.perf_counter() - t0
         self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
-                      "images_seen": seen, "final_loss": round(float(loss_avg), 5)}
+                      "images_seen": seen, "final_loss": round(final_loss, 5)}
         return self
 
     @torch.no_grad()
@@ -173,12 +203,15 @@ class GenerativeModule(ABC):
         if class_id not in self.classes:
             raise FedFactoryError(f"{self.client_id}: module does not cover class {class_id} (covers {self.classes})")
         local = self.classes.index(class_id)
-        out = []
-        for chunk in range(math.ceil(n / SAMPLE_CHUNK)):
-            gen = torch.Generator(self.device).manual_seed(derive_seed(seed, "chunk", chunk))
-            labels = torch.full((SAMPLE_CHUNK,), local, dtype=torch.long, device=self.device)
+        per_call = chunks_per_call(self.device, self.image_shape)
+        chunks, out = math.ceil(n / SAMPLE_CHUNK), []
+        for first in range(0, chunks, per_call):
+            noise = torch.cat([torch.randn((SAMPLE_CHUNK, *self.noise_shape()), device=self.device,
+                                           generator=torch.Generator(self.device).manual_seed(derive_seed(seed, "chunk", c)))
+                               for c in range(first, min(first + per_call, chunks))])
+            labels = torch.full((len(noise),), local, dtype=torch.long, device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out.append(to_uint8(self.generate(labels, gen)))
+                out.append(to_uint8(self.generate(labels, noise)))
         return np.concatenate(out)[:n] if out else np.zeros((0, *self.image_shape), np.uint8)
 
     # -- files --------------------------------------------------------------------------

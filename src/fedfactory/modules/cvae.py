@@ -42,6 +42,7 @@ class CVAEModule(GenerativeModule):
                 "train": {"budget_images": 2_000_000, "batch_size": 256, "lr": 1e-3, "ema_halflife_images": 100_000,
                           "warmup_images": 0, "hflip": False, "beta": 1.0}},
     }
+    presets["paper"] = presets["gpu"]  # the paper has no cVAE: its scale is the GPU preset
 
     def build_network(self):
         h, w, c = self.image_shape
@@ -55,7 +56,9 @@ class CVAEModule(GenerativeModule):
         kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).float().sum(dim=1)
         return (rec + self.train_cfg["beta"] * kl).mean() / x[0].numel()
 
-    def generate(self, labels, gen):
-        z = torch.randn((len(labels), self.net.latent), generator=gen, device=labels.device)
+    def noise_shape(self):
+        return (int(self.arch["latent"]),)
+
+    def generate(self, labels, noise):
         h, w, _ = self.image_shape
-        return self.net.decode(z, labels, (h, w)).float()
+        return self.net.decode(noise, labels, (h, w)).float()

@@ -35,9 +35,10 @@ def edm_loss(net, y, labels, gen):
 def heun_sampler(D, latents, steps, sigma_min=SIGMA_MIN):
     """Deterministic 2nd-order Heun sampler (EDM Algorithm 1, S_churn = 0): 2 * steps - 1 calls.
     The last step, from sigma_min to 0, is Euler: it returns D(x; sigma_min)."""
-    i = torch.arange(steps, dtype=torch.float64, device=latents.device)
+    # The schedule is plain floats, so that stepping through it never waits on a GPU.
+    i = torch.arange(steps, dtype=torch.float64)
     t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (sigma_min ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-    t = torch.cat([t, torch.zeros(1, dtype=t.dtype, device=t.device)])  # t_N = 0
+    t = t.tolist() + [0.0]  # t_N = 0
     x = latents.double() * t[0]
     for t_cur, t_next in zip(t[:-1], t[1:]):
         d = (x - D(x, t_cur)) / t_cur
@@ -61,12 +62,21 @@ class DiffusionModule(GenerativeModule):
                           # texture a small 10-step model paints below it: high-frequency energy 1.14x ->
                           # 0.96x real, synthetic-trained accuracy 0.807 -> 0.823 (benchmarks/README.md).
                           "sample_steps": 10, "sigma_min": 0.2, "guidance": 1.0}},
-        # ~50M parameters, the paper's scale: 128 channels, 4 levels, attention at 16 and 8 px.
-        "gpu": {"arch": {"channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [16, 8],
-                         "dropout": 0.1},
-                "train": {"budget_images": 5_000_000, "batch_size": 256, "lr": 1e-3, "ema_halflife_images": 500_000,
-                          "warmup_images": 200_000, "label_dropout": 0.0, "hflip": False,
+        # Minutes on one GPU: ~9M parameters, 2.5 GFLOP per 32 px image forward. Sized from FLOP counts
+        # for about 30 s per module on one H100 (10 modules, synthesis and a ResNet-18 in ~10 minutes);
+        # benchmarks/gpu_check.py measures it (docs/PROTOCOL.md).
+        "gpu": {"arch": {"channels": 64, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [8],
+                         "dropout": 0.0},
+                "train": {"budget_images": 400_000, "batch_size": 256, "lr": 2e-3, "ema_halflife_images": 50_000,
+                          "warmup_images": 20_000, "label_dropout": 0.0, "hflip": False,
                           "sample_steps": 18, "sigma_min": SIGMA_MIN, "guidance": 1.0}},
+        # The paper's scale (~37M parameters at 32 px): 128 channels, 4 levels, attention at 16 and 8 px,
+        # 25M images per module, 50 Heun steps (99 network calls per image). Hours per data set.
+        "paper": {"arch": {"channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [16, 8],
+                           "dropout": 0.1},
+                  "train": {"budget_images": 25_000_000, "batch_size": 512, "lr": 1e-3, "ema_halflife_images": 500_000,
+                            "warmup_images": 1_000_000, "label_dropout": 0.0, "hflip": False,
+                            "sample_steps": 50, "sigma_min": SIGMA_MIN, "guidance": 1.0}},
     }
 
     def build_network(self):
@@ -80,14 +90,16 @@ class DiffusionModule(GenerativeModule):
             labels = torch.where(drop, torch.full_like(labels, self.num_local_classes), labels)
         return edm_loss(net, x, labels, gen)
 
-    def generate(self, labels, gen):
+    def noise_shape(self):
         h, w, c = self.image_shape
-        latents = torch.randn((len(labels), c, h, w), generator=gen, device=labels.device)
+        return (c, h, w)
+
+    def generate(self, labels, latents):
         g = float(self.train_cfg["guidance"])
         null = torch.full_like(labels, self.num_local_classes)
 
-        def D(x, sigma):
-            s = sigma.float().expand(len(x))
+        def D(x, sigma: float):
+            s = torch.full((len(x),), sigma, dtype=torch.float32, device=x.device)
             x = x.float()
             if g == 1.0:
                 return denoise(self.net, x, s, labels).double()

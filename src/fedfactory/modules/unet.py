@@ -45,6 +45,8 @@ class Attention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        if x.is_cuda:  # the fused GPU kernels need a unit stride in the last dimension, or fall back to math;
+            q, k, v = (t.contiguous() for t in (q, k, v))  # CPU keeps its layout (and its shipped bits)
         out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return (x + self.proj(out)) * math.sqrt(0.5)
 
