@@ -95,10 +95,33 @@ def cmd_site_train(args) -> int:
     from .config import load_config
     from .runners.files import site_train
 
-    m = site_train(load_config(args.config, args.set), args.data, args.out, args.client_id)
+    m = site_train(load_config(args.config, args.set), args.data, args.out, args.client_id, args.audit_out)
     print(f"{m.client_id}: module of classes {m.classes} ({sum(m.counts)} images) in {args.out}, "
           f"SHA-256 {m.saved_manifest['weights_sha256'][:16]}")
+    if "audit" in m.privacy:
+        print(f"privacy audit: {audit_line(m.privacy['audit'])}; the site's report (it shows training images: "
+              f"keep it here) in {args.audit_out or Path(args.out).parent / (Path(args.out).name + '-audit')}")
     return 0
+
+
+def audit_line(a: dict) -> str:
+    parts = [f"copy rate {a['copy_rate']:.3f}"]
+    if "closer_to_train" in a:
+        parts.append(f"closer to train {a['closer_to_train']:.3f} (p {a['train_vs_held_out_p']:.2g})")
+    if "mia_auc" in a:
+        parts.append(f"membership AUC {a['mia_auc']:.3f} (p {a['mia_p']:.2g})")
+    return ", ".join(parts) + (" -> passed" if a["passed"] else " -> FAILED: " + "; ".join(a["reasons"]))
+
+
+def cmd_site_audit(args) -> int:
+    from .config import load_config
+    from .runners.files import site_audit
+
+    a = site_audit(load_config(args.config, args.set), args.module, args.data, args.out)
+    print(f"privacy audit of {args.module}: {audit_line(a)}")
+    print(f"report (it shows training images: keep it at the site): "
+          f"{args.out or Path(args.module).parent / (Path(args.module).name + '-audit')}/audit.md")
+    return 0 if a["passed"] else 1
 
 
 def cmd_site_expert(args) -> int:
@@ -193,15 +216,23 @@ def main(argv: list[str] | None = None) -> int:
                    "SuperNodes whose keys were registered may join (Flower's SuperNode authentication)")
     s.set_defaults(func=cmd_federate)
 
-    site = sub.add_parser("site", help="what a site does with its own data: train its module (or its expert)")
+    site = sub.add_parser("site", help="what a site does with its own data: train and audit its module, or its expert")
     site_sub = site.add_subparsers(dest="site_command", required=True)
     s = site_sub.add_parser("train", help="train this site's generative module from its own data only")
     s.add_argument("--config", required=True)
     s.add_argument("--data", required=True, help="the site's images: class folders, a CSV of path,label, or an .npz")
     s.add_argument("--out", required=True, help="the module folder to write (its name is the client id by default)")
     s.add_argument("--client-id", default="", help="this site's client id (default: the --out folder's name)")
+    s.add_argument("--audit-out", default="", help="the site's own audit report folder (default: <out>-audit)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.set_defaults(func=cmd_site_train)
+    s = site_sub.add_parser("audit", help="audit a module against this site's images: copies, held-out test, membership")
+    s.add_argument("module", help="the module folder")
+    s.add_argument("--config", required=True)
+    s.add_argument("--data", required=True, help="the site's images, as given to site train")
+    s.add_argument("--out", default="", help="the report folder (default: <module>-audit)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.set_defaults(func=cmd_site_audit)
     s = site_sub.add_parser("expert", help="local mode: this site's expert classifier from its data and the others' modules")
     s.add_argument("--config", required=True)
     s.add_argument("--data", required=True)

@@ -97,6 +97,21 @@ DEFAULTS: dict = {
         "max_count": 10_000_000,     # real images a module may claim per class
         "max_module_bytes": 1 << 30,
     },
+    "privacy": {                 # what a module may reveal about a site's images (privacy/; README "Privacy")
+        "holdout": 0.1,          # share of each class held out of module training as the site's audit set (0 = no audit)
+        "audit_samples": 200,    # generated images per class that the audit measures
+        "max_copy_rate": 0.05,   # share of generated images that are near-copies (d1/d2 < 1/3) a module may have
+        "max_closer_to_train": 0.6,  # share of generated images nearer a training than a held-out image
+        "max_mia_auc": 0.6,      # AUC of the loss-threshold membership attack
+        "significance": 0.001,   # level of the two tests (closer-to-train, attack) before a module is refused
+        "enforce": True,         # a module that fails its audit is not uploaded (false: it is, with a warning)
+        "epsilon": 0.0,          # DP-SGD: target epsilon (0 = no DP unless noise_multiplier is set)
+        "noise_multiplier": 0.0,  # DP-SGD: noise multiplier instead of a target epsilon
+        "delta": 0.0,            # DP-SGD: delta (0 = 1 / (10 N), below 1/N for a site of N images)
+        "max_grad_norm": 1.0,    # DP-SGD: per-sample gradient clip norm
+        "accountant": "prv",     # DP-SGD: prv | rdp
+        "noise_multiplicity": 1,  # DP-SGD: noise levels per image per step (DPDM), no extra privacy cost
+    },
     "baselines": {               # weight-averaging baselines on the same partition and classifier
         "rounds": 30,
         "local_epochs": 1,
@@ -237,7 +252,13 @@ CHOICES = {
     "classifier.mode": ("server", "local"), "classifier.preset": ("cpu", "gpu"),
     "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
     "runtime.device": ("auto", "cpu", "cuda"), "runtime.bf16": ("auto", "on", "off"),
+    "privacy.accountant": ("prv", "rdp"),
 }
+# key -> (low, high), both inclusive
+RANGES = {"privacy.holdout": (0.0, 0.5), "privacy.max_copy_rate": (0.0, 1.0), "privacy.max_closer_to_train": (0.5, 1.0),
+          "privacy.max_mia_auc": (0.5, 1.0), "privacy.significance": (1e-12, 0.5), "privacy.epsilon": (0.0, 1e6),
+          "privacy.noise_multiplier": (0.0, 1e3), "privacy.delta": (0.0, 0.5), "privacy.max_grad_norm": (1e-9, 1e9),
+          "privacy.noise_multiplicity": (1, 64), "privacy.audit_samples": (1, 100_000)}
 POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.max_resolution",
             "federation.max_count", "federation.max_module_bytes", "runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
@@ -271,6 +292,9 @@ def validate(cfg: dict) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key, 0) < 0:
             raise FedFactoryError(f"config key {key!r} must be >= 0; got {get(cfg, key)!r}")
+    for key, (low, high) in RANGES.items():
+        if not low <= get(cfg, key) <= high:
+            raise FedFactoryError(f"config key {key!r} must be in [{low:g}, {high:g}]; got {get(cfg, key)!r}")
     from .modules.fileformat import check_client_id
 
     for cid in cfg["federation"]["clients"]:

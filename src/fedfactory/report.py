@@ -85,6 +85,29 @@ def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall")
 
 
+def privacy_table(modules: list[dict]) -> list[str]:
+    """Each module's privacy audit and DP terms, numbers only (the sites keep their pictures)."""
+    def num(v, fmt=".3f"):
+        return "-" if v is None else f"{v:{fmt}}"
+
+    lines = ["## Privacy (each site's audit before upload; numbers only)", "",
+             "| client | copy rate | closer to train | p | MIA AUC | p | DP epsilon (delta) | audit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mod in modules:
+        a, dp = mod.get("privacy", {}).get("audit", {}), mod.get("privacy", {}).get("dp")
+        eps = f"{dp['epsilon']:.2f} ({dp['delta']:.1e})" if dp else "none"
+        verdict = "-" if not a else ("passed" if a.get("passed") else "FAILED")
+        lines.append(f"| {mod['client']} | {num(a.get('copy_rate'))} | {num(a.get('closer_to_train'))} | "
+                     f"{num(a.get('train_vs_held_out_p'), '.2g')} | {num(a.get('mia_auc'))} | {num(a.get('mia_p'), '.2g')} | "
+                     f"{eps} | {verdict} |")
+    lines += ["", "Copy rate: generated images whose nearest training image is under a third of the distance of "
+              "the second nearest. Closer to train: share of generated images nearer a training than a held-out "
+              "image (0.5 = no preference). MIA AUC: a loss-threshold membership attack (0.5 = nothing leaks). "
+              "p: one-sided tests. Epsilon covers each training image's influence on the weights, not the class "
+              "counts in the manifest or the choice of settings.", ""]
+    return lines
+
+
 def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
     m = results["metrics"]
     cfg = results["config"]
@@ -115,6 +138,7 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += [f"| {cid} | " + " | ".join(map(str, cnt)) + " |" for cid, cnt in results["clients"].items()]
     lines += ["", "## Modules", "", "| client | classes | SHA-256 | bytes |", "|---|---|---|---|"]
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
+    lines += ["", *privacy_table(results["modules"])]
     lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
     lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:", "",

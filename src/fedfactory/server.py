@@ -31,6 +31,7 @@ from .factory import SyntheticSet, synthesize
 from .modules import GenerativeModule, load_module
 from .modules.fileformat import WEIGHTS, write_module_dir
 from .modules.limits import Limits
+from .privacy import AUDIT_FRACTIONS
 from .registry import register
 from .report import confusion_png, synthetic_vs_real, write_report
 from .runtime import classifier_kw
@@ -106,15 +107,31 @@ def images_digest(test: LabelledImages) -> str:
     return hashlib.sha256(test.images.tobytes() + test.labels.tobytes()).hexdigest()
 
 
-def check_modules(modules: list[GenerativeModule], test: LabelledImages) -> None:
-    """Every module must draw images of the test set's shape, of classes in the federation's list."""
+def check_audit(cfg: dict, module: GenerativeModule) -> None:
+    """A module whose site audit failed is refused (privacy.enforce): its site should not have sent it."""
+    a = module.privacy.get("audit")
+    if a and a.get("passed") is False and cfg["privacy"]["enforce"]:
+        raise FedFactoryError(f"module {module.client_id} failed its site's privacy audit "
+                              f"({'; '.join(a.get('reasons', []))[:300]}); privacy.enforce refuses it")
+
+
+def check_modules(cfg: dict, modules: list[GenerativeModule], test: LabelledImages) -> None:
+    """Every module must draw images of the test set's shape, of classes in the federation's list,
+    and must not have failed its site's privacy audit."""
     for m in modules:
+        check_audit(cfg, m)
         if tuple(m.image_shape) != test.image_shape:
             raise FedFactoryError(f"module {m.client_id} makes {list(m.image_shape)} images, the test set "
                                   f"holds {list(test.image_shape)}: check data.size and data.channels")
         if any(not 0 <= c < test.num_classes for c in m.classes):
             raise FedFactoryError(f"module {m.client_id} covers class ids {m.classes}, outside the federation's "
                                   f"{test.num_classes} classes")
+
+
+def privacy_numbers(block: dict) -> dict:
+    """A module's privacy block as the server reports it: the audit's pooled numbers and the DP terms."""
+    audit = {k: v for k, v in block.get("audit", {}).items() if k in AUDIT_FRACTIONS or k in ("passed", "holdout")}
+    return {**({"audit": audit} if audit else {}), **({"dp": block["dp"]} if "dp" in block else {})}
 
 
 def _local_experts(cfg: dict, modules: list[GenerativeModule], experts: dict) -> dict:
@@ -142,7 +159,7 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
     factory's set when the caller already made it from these modules.
     """
     modules = sorted(modules, key=lambda m: m.client_id)
-    check_modules(modules, test)
+    check_modules(cfg, modules, test)
     num_classes = test.num_classes
     if synth is None:
         t = time.perf_counter()
@@ -169,7 +186,8 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
     metrics = evaluate(test.labels, log_proba, num_classes)
     mods = [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
              "sha256": m.saved_manifest["weights_sha256"],
-             "bytes": (run_dir / "modules" / m.client_id / WEIGHTS).stat().st_size, "train_stats": m.stats}
+             "bytes": (run_dir / "modules" / m.client_id / WEIGHTS).stat().st_size, "train_stats": m.stats,
+             "privacy": privacy_numbers(m.privacy)}
             for m in modules]
     clients = {m.client_id: [m.counts[m.classes.index(c)] if c in m.classes else 0 for c in range(num_classes)]
                for m in modules}

@@ -1,7 +1,10 @@
 """What a site (a hospital) does, with its own images and nothing else.
 
     images, labels = load_site_data(cfg, "/data/hospital-3")            # its own folder
-    module = train_module(cfg, "hospital-3", images, labels)           # the one upload
+    module = train_module(cfg, "hospital-3", images, labels)           # trained, then audited
+    module.save("modules/hospital-3")                                  # what may be uploaded
+    save_audit_report(module, "audit/hospital-3")                      # shows patients: stays here
+    check_upload(cfg, module)                                           # refused if it leaks
     # local mode only: the other sites' modules come back; the site trains its expert
     synth = synthesize_for_site(cfg, other_modules, num_classes)
     expert, stats = train_expert(cfg, "hospital-3", images, labels, num_classes, synth)
@@ -11,6 +14,8 @@ Labels are global class ids: a class's place in the federation's class list (`da
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .classify import train_classifier
@@ -19,6 +24,7 @@ from .errors import FedFactoryError
 from .factory import SyntheticSet, synthesize
 from .modules import GenerativeModule, module_kinds
 from .modules.fileformat import check_client_id
+from .privacy.audit import ADVICE, audit, holdout_split, verdict, write_site_report
 from .runtime import classifier_kw
 
 
@@ -48,14 +54,56 @@ def new_module(cfg: dict, client_id: str) -> GenerativeModule:
         raise FedFactoryError(f"module.{unknown[0]} does not apply to module kind {m['kind']!r}")
     arch = {k: v for k, v in m.items() if k in preset["arch"]}
     train = {k: v for k, v in m.items() if k in preset["train"]}
-    rt = cfg["runtime"]
+    rt, pv = cfg["runtime"], cfg["privacy"]
+    dp = ({k: pv[k] for k in ("epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant", "noise_multiplicity")}
+          if pv["epsilon"] > 0 or pv["noise_multiplier"] > 0 else None)
     return cls(arch, train, client_id=check_client_id(client_id), seed=cfg["seed"], preset=m["preset"],
-               device=rt["device"], bf16=rt["bf16"], progress=rt["progress"], compile=rt["compile"])
+               device=rt["device"], bf16=rt["bf16"], progress=rt["progress"], compile=rt["compile"], dp=dp)
 
 
 def train_module(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarray) -> GenerativeModule:
-    """The site's generative module, trained from scratch on its own images only."""
-    return new_module(cfg, client_id).fit(images, labels)
+    """The site's generative module, trained from scratch on its own images only, less the seeded share
+    held out for its privacy audit (privacy.holdout), then audited against it."""
+    train, held = holdout_split(labels, cfg["privacy"]["holdout"], cfg["seed"], client_id)
+    module = new_module(cfg, client_id).fit(images[train], labels[train])
+    if len(held):
+        audit_module(cfg, module, images[train], labels[train], images[held], labels[held])
+    return module
+
+
+POLICY = ("max_copy_rate", "max_closer_to_train", "max_mia_auc", "significance")
+
+
+def audit_module(cfg: dict, module: GenerativeModule, train_x, train_y, held_x, held_y) -> dict:
+    """Audit a trained module; its numbers go into the manifest, its closest pairs (training images)
+    into `module.audit_pairs`, which only save_audit_report ever writes out (at the site)."""
+    pv = cfg["privacy"]
+    result, module.audit_pairs = audit(module, train_x, train_y, held_x, held_y, pv["audit_samples"], cfg["seed"])
+    reasons = verdict(result, pv)
+    module.privacy["audit"] = {**result, "passed": not reasons, "reasons": reasons, "holdout": pv["holdout"],
+                               "policy": {k: pv[k] for k in POLICY}}
+    return module.privacy["audit"]
+
+
+def save_audit_report(module: GenerativeModule, folder: str | Path) -> None:
+    """The site's own audit report, if the module was audited here: a folder of its own, never inside
+    the module's (it shows training images)."""
+    if getattr(module, "audit_pairs", None) is not None:
+        write_site_report(Path(folder), module.client_id, module.privacy["audit"], module.audit_pairs)
+
+
+def check_upload(cfg: dict, module: GenerativeModule, kept_at: str = "") -> None:
+    """A module that failed its audit does not leave the site (privacy.enforce); with enforce off it
+    does, with a warning. Either way the site is told why and what to try."""
+    a = module.privacy.get("audit")
+    if not a or a["passed"]:
+        return
+    why = "; ".join(a["reasons"])
+    if cfg["privacy"]["enforce"]:
+        raise FedFactoryError(f"site {module.client_id}: the module failed its privacy audit and is not uploaded: "
+                              f"{why}. {ADVICE}.{f' The module and its audit are kept at {kept_at}.' if kept_at else ''}")
+    print(f"fedfactory: warning: site {module.client_id}: the module failed its privacy audit ({why}); "
+          "uploaded anyway because privacy.enforce = false", flush=True)
 
 
 def synthesize_for_site(cfg: dict, others: list[GenerativeModule], num_classes: int) -> SyntheticSet:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,7 +23,8 @@ from ..registry import register
 from ..runtime import setup_runtime
 from ..factory import SyntheticSet
 from ..server import build, evaluation_split, start_run, synthesize_all
-from ..site import new_module, train_expert, train_module
+from ..privacy.audit import holdout_split
+from ..site import POLICY, check_upload, new_module, save_audit_report, train_expert, train_module
 from ..utils import derive_seed
 
 
@@ -56,18 +58,23 @@ def site_data(ds: Dataset, part: Partition, cid: str):
     return ds.x_train[idx], ds.y_train[idx]
 
 
-def _reusable(path: Path, cfg: dict, part: Partition, cid: str) -> GenerativeModule | None:
-    """A module already in the run folder that verifies and matches this client's data and config."""
+def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | None:
+    """A module already in the run folder that verifies and matches this client's data (less its
+    held-out share) and config, its privacy settings included."""
     try:
         m = load_module(path, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
     except ModuleFileError:
         return None
-    counts = part.counts[cid]
-    expected = [c for c, n in enumerate(counts) if n > 0]
+    pv = cfg["privacy"]
+    train, held = holdout_split(labels, pv["holdout"], cfg["seed"], cid)
+    classes, counts = (v.tolist() for v in np.unique(labels[train], return_counts=True))
     fresh = new_module(cfg, cid)
-    if (m.kind != cfg["module"]["kind"] or m.classes != expected or m.counts != [counts[c] for c in expected]
+    audit = m.privacy.get("audit", {})
+    if (m.kind != cfg["module"]["kind"] or m.classes != classes or m.counts != counts
             or m.arch != fresh.arch or m.seed != cfg["seed"]
-            or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items())):
+            or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items())
+            or bool(len(held)) != bool(audit) or audit.get("policy", {}) != ({k: pv[k] for k in POLICY} if audit else {})
+            or bool(fresh.dp) != ("dp" in m.privacy)):
         return None
     return m
 
@@ -76,7 +83,15 @@ def _train_in_worker(cfg: dict, cid: str, path: str) -> dict:
     """A site's training in its own process (the sites of a federation are independent)."""
     setup_runtime(cfg)
     ds, part = prepare_data(cfg)
-    return train_module(cfg, cid, *site_data(ds, part, cid)).save(path)
+    module = train_module(cfg, cid, *site_data(ds, part, cid))
+    manifest = module.save(path)
+    save_audit_report(module, audit_dir(Path(path).parents[1], cid))
+    return manifest
+
+
+def audit_dir(run_dir: Path, cid: str) -> Path:
+    """Where a simulated site keeps its own audit report: beside the modules, never inside one."""
+    return run_dir / "site-audits" / cid
 
 
 def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
@@ -85,7 +100,7 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
     todo, modules = [], {}
     for cid in part.clients:
         path = run_dir / "modules" / cid
-        m = _reusable(path, cfg, part, cid) if resume and path.exists() else None
+        m = _reusable(path, cfg, ds.y_train[part.indices[cid]], cid) if resume and path.exists() else None
         if m is None:
             todo.append(cid)
         else:
@@ -108,12 +123,15 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
         for cid in todo:
             m = train_module(cfg, cid, *site_data(ds, part, cid))
             register(run_dir, m.save(run_dir / "modules" / cid))
+            save_audit_report(m, audit_dir(run_dir, cid))
             modules[cid] = m
             bar.update(1)
     bar.close()
     for cid in todo:
         if cid not in modules:
             modules[cid] = load_module(run_dir / "modules" / cid, rt["device"], rt["bf16"])
+    for cid in part.clients:  # every site trains before one that failed its audit stops the run
+        check_upload(cfg, modules[cid], kept_at=f"{run_dir / 'modules' / cid} and {audit_dir(run_dir, cid)}")
     return [modules[cid] for cid in part.clients]
 
 

@@ -27,7 +27,8 @@ from ...modules import load_module
 from ...modules.fileformat import write_module_dir
 from ...modules.limits import Limits
 from ...runtime import setup_runtime
-from ...site import federation_classes, load_site_data, synthesize_for_site, train_expert, train_module
+from ...site import (check_upload, federation_classes, load_site_data, save_audit_report, synthesize_for_site,
+                     train_expert, train_module)
 from ..embedded import prepare_data, site_data
 from .messages import have_content, module_content, read_config, read_have, read_modules, weights_content
 
@@ -69,8 +70,13 @@ def train(msg: Message, context: Context) -> Message:
         if cid in read_have(msg.content):  # a resumed run: the server verified this site's module already
             return Message(have_content(cid), reply_to=msg)
         module = train_module(cfg, cid, images, labels)
-        if "keep-dir" in node:
-            module.save(Path(str(node["keep-dir"])) / cid)
+        kept = ""
+        if "keep-dir" in node:  # the module, and beside it the site's own audit report
+            keep = Path(str(node["keep-dir"]))
+            module.save(keep / cid)
+            save_audit_report(module, keep / f"{cid}-audit")
+            kept = f"{keep / cid} and {keep / f'{cid}-audit'}"
+        check_upload(cfg, module, kept_at=kept)  # a module that failed its audit never leaves the site
         return Message(module_content(*module.to_bytes()), reply_to=msg)
 
     # phase "expert": the other sites' modules, checked like any module file against the federation's

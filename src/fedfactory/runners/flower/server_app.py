@@ -27,7 +27,7 @@ from ...modules.fileformat import check_client_id, is_module_dir, write_module_d
 from ...modules.limits import Limits
 from ...registry import read_registry, register
 from ...runtime import setup_runtime
-from ...server import build, load_test_set, module_limits, start_run
+from ...server import build, check_audit, load_test_set, module_limits, start_run
 from .messages import config_content, read_have_reply, read_module, read_weights_blob
 
 app = ServerApp()
@@ -86,6 +86,7 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
                 raise FedFactoryError(f"client id {cid!r} was already uploaded")
             write_module_dir(staging, blob, manifest)
             module = load_module(staging, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
+            check_audit(cfg, module)
             (out / "modules").mkdir(exist_ok=True)
             os.replace(staging, out / "modules" / cid)
             modules.append(module)
