@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -92,7 +93,7 @@ class GenerativeModule(ABC):
 
     def __init__(self, arch: dict | None = None, train: dict | None = None, client_id: str = "client",
                  seed: int = 0, preset: str = "cpu", device: str = "auto", bf16: str = "auto",
-                 progress: bool = True, compile: bool = False):
+                 progress: bool = True, compile: bool = False, dp: dict | None = None):
         if preset not in self.presets:
             raise FedFactoryError(f"{self.kind}: unknown preset {preset!r}; use one of {', '.join(self.presets)}")
         preset = self.presets[preset]
@@ -103,11 +104,13 @@ class GenerativeModule(ABC):
         self.bf16 = use_bf16(self.device, bf16)
         self.progress = progress
         self.compile = compile  # torch.compile for training, GPU only (slower on this CPU)
+        self.dp = dp            # DP-SGD settings (privacy/dp.py), or None
         self.classes: list[int] = []   # global class ids this module covers
         self.counts: list[int] = []    # real training images of each
         self.image_shape: tuple[int, int, int] | None = None
         self.net: torch.nn.Module | None = None   # EMA weights: what is shipped and sampled
         self.stats: dict = {}
+        self.privacy: dict = {}  # {"audit": ..., "dp": ...}: what the module reveals (privacy/)
 
     # -- what a kind defines ------------------------------------------------------------
     @abstractmethod
@@ -129,8 +132,10 @@ class GenerativeModule(ABC):
     def num_local_classes(self) -> int:
         return len(self.classes)
 
-    def fit(self, images: np.ndarray, labels: np.ndarray) -> "GenerativeModule":
-        """Train from scratch on one client's images (uint8 N x H x W x C) and labels."""
+    def fit(self, images: np.ndarray, labels: np.ndarray, checkpoint=None, checkpoint_every: int = 0) -> "GenerativeModule":
+        """Train from scratch on one client's images (uint8 N x H x W x C) and labels; with `dp`
+        set, by DP-SGD (privacy/dp.py), and the spent budget goes to `privacy["dp"]`.
+        `checkpoint(images_seen, ema_network)` is called every `checkpoint_every` steps."""
         images, labels = np.asarray(images), np.asarray(labels, np.int64)
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels) or len(images) == 0:
             raise FedFactoryError(f"{self.client_id}: fit needs uint8 N x H x W x C images and N labels, N > 0; "
@@ -141,20 +146,37 @@ class GenerativeModule(ABC):
         local = np.searchsorted(self.classes, labels)
         cfg = self.train_cfg
         batch, budget = int(cfg["batch_size"]), int(cfg["budget_images"])
-        steps = max(1, math.ceil(budget / batch))
+        steps, k = max(1, math.ceil(budget / batch)), 1
+        if self.dp is not None:
+            from ..privacy import dp as dpsgd
+
+            dp = dpsgd.plan(self.dp, len(images), batch, budget)
+            batch, steps, k = dp["batch"], dp["steps"], dp["noise_multiplicity"]
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, self.client_id, "init"))
             net = self.build_network().to(self.device)
         ema = copy.deepcopy(net).requires_grad_(False)
-        train_net = torch.compile(net) if self.compile and self.device.type == "cuda" else net
         cuda = self.device.type == "cuda"
         opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), fused=cuda)
         # The images stay uint8 on the device (a quarter of float32's memory), converted per batch.
         pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         y_all = torch.from_numpy(local).to(self.device)
-        order_rng = np.random.default_rng(derive_seed(self.seed, self.client_id, "batches"))
         gen = torch.Generator(self.device).manual_seed(derive_seed(self.seed, self.client_id, "noise"))
+        if self.dp is None:
+            train_net = torch.compile(net) if self.compile and cuda else net
+            batches = index_blocks(np.random.default_rng(derive_seed(self.seed, self.client_id, "batches")),
+                                   len(pixels), batch, steps, self.device)
+        else:  # per-sample gradient hooks on net's layers (so not compiled), clipped and noised steps, Poisson
+            # batches. bf16 autocast stays (faster here); the per-image gradients are clipped in fp32.
+            # The noise and the batches must be secret for epsilon to hold: they are drawn from a seed that
+            # no one else knows (the operating system's), never from the run seed in the manifest.
+            secret = self.dp.get("secret_seed") or secrets.randbits(63)  # secret_seed: tests only
+            dp_noise = torch.Generator(self.device).manual_seed(derive_seed(secret, "dp-noise"))
+            hooks, opt = dpsgd.make_private(net, opt, dp, dp_noise)
+            train_net = net  # not the wrapper: a kind's loss may call the network's own methods (cvae)
+            batches = dpsgd.poisson_batches(np.random.default_rng(derive_seed(secret, "dp-batches")),
+                                            len(pixels), dp["sample_rate"], steps, self.device)
         warmup = max(1, int(cfg.get("warmup_images", 0)) // batch)
         ema_params, net_params = list(ema.parameters()), list(net.parameters())
 
@@ -162,37 +184,50 @@ class GenerativeModule(ABC):
         t0, seen, loss_avg = time.perf_counter(), 0, None
         bar = tqdm(range(steps), desc=f"{self.kind} {self.client_id}", unit="step", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
-        for step, idx in zip(bar, index_blocks(order_rng, len(pixels), batch, steps, self.device)):
+        for step, idx in zip(bar, batches):
             x, y = to_model(pixels[idx]), y_all[idx]
             if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
-                flip = torch.rand(batch, generator=gen, device=self.device) < 0.5
+                flip = torch.rand(len(x), generator=gen, device=self.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             for g in opt.param_groups:  # linear warm-up, then constant (a decay measured worse here)
                 g["lr"] = cfg["lr"] * min(1.0, (step + 1) / warmup)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss(train_net, x, y, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = None
+            if len(x):  # a Poisson batch may be empty: its DP step is noise alone
+                if k > 1:  # each image's k rows: k noise levels, one clipped gradient
+                    x, y = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.loss(train_net, x, y, gen)
+                loss.backward()
+            if self.dp is not None:
+                dpsgd.per_image_grads(net_params, len(idx), k)
             opt.step()
-            seen += batch
+            seen += batch  # with DP, images expected (a Poisson batch's size varies)
             # EMA with a half-life in images, ramped up early (as EDM does) so short runs still average.
             halflife = min(cfg["ema_halflife_images"], seen * 0.1)
             beta = 0.5 ** (batch / max(halflife, 1e-8))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
-            # A running mean kept on the device: reading it (a host sync) only when the bar shows it.
-            loss = loss.detach().double()
-            loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
-            if self.progress and (step % 20 == 0 or step == steps - 1):
+            if checkpoint and (step + 1) % checkpoint_every == 0:  # e.g. benchmarks/memorization.py
+                checkpoint(seen, ema)
+            if loss is not None:  # a running mean kept on the device: read (a host sync) only when the bar shows it
+                loss = loss.detach().double()
+                loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            if self.progress and (step % 20 == 0 or step == steps - 1) and loss_avg is not None:
                 bar.set_postfix(loss=f"{loss_avg.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         for be, b in zip(ema.buffers(), net.buffers()):
             be.copy_(b)
         self.net = ema.eval()
-        final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
+        # Reading the loss waits for the device's queued work, so the wall time below is true.
+        final_loss = float("nan") if loss_avg is None else float(loss_avg)
         wall = time.perf_counter() - t0
         self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
                       "images_seen": seen, "final_loss": round(final_loss, 5)}
+        self.privacy.pop("dp", None)
+        if self.dp is not None:
+            hooks.remove_hooks()
+            self.privacy["dp"] = dpsgd.claim(dp)
         return self
 
     @torch.no_grad()
@@ -222,6 +257,7 @@ class GenerativeModule(ABC):
             "normalisation": {"pixels": "uint8", "model_range": [-1.0, 1.0], "x_model": "x / 127.5 - 1"},
             "classes": self.classes, "counts": self.counts,
             "training": {**self.train_cfg, "seed": self.seed, "bf16": self.bf16}, "stats": self.stats,
+            **({"privacy": self.privacy} if self.privacy else {}),
         }
 
     def save(self, path: str | Path) -> dict:
@@ -244,6 +280,7 @@ class GenerativeModule(ABC):
         m.counts = [int(c) for c in manifest["counts"]]
         m.image_shape = tuple(int(s) for s in manifest["image_shape"])
         m.stats = manifest.get("stats", {})
+        m.privacy = manifest.get("privacy", {})
         return m
 
 
@@ -261,6 +298,7 @@ def load_module(path: str | Path, device: str = "auto", bf16: str = "auto", limi
     tensor is built or the weights are read.
     """
     from .fileformat import ModuleFileError
+    from ..privacy import check_privacy_block
     from .limits import Limits, check_declared, check_parameters
 
     limits = limits or Limits()
@@ -271,6 +309,7 @@ def load_module(path: str | Path, device: str = "auto", bf16: str = "auto", limi
         raise ModuleFileError(f"{where}: unknown module kind {str(manifest['kind'])[:40]!r}")
     cls = kinds[manifest["kind"]]
     check_declared(manifest, cls.presets["cpu"]["arch"], limits, where)
+    check_privacy_block(manifest, where)
     try:
         module = cls.from_manifest(manifest, device=device, bf16=bf16)
         check_parameters(module, limits, where)

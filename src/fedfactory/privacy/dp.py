@@ -1,0 +1,159 @@
+"""Differentially private module training: DP-SGD (Abadi et al. 2016) with Opacus.
+
+Each step takes a Poisson sample of the site's N images (each one in with probability
+q = batch / N, independently), computes every image's gradient, clips it to norm C
+(`max_grad_norm`), sums, adds N(0, (sigma C)^2 I) and divides by the expected batch. An
+accountant (PRV or RDP) turns (sigma, q, steps) into the (epsilon, delta) that the module's
+manifest states. With noise multiplicity K (DPDM, Dockhorn et al. 2022) each image's loss is
+averaged over K independent noise levels before its gradient is clipped: one clipped gradient
+per image per step, so K costs compute and no privacy.
+
+`GenerativeModule.fit` runs the loop (modules/base.py); this file holds the pieces. Opacus is
+imported only when DP is used: checking a peer's DP claim (`check_dp_block`) does not need it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import FedFactoryError
+
+DP_FIELDS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant")
+ACCOUNTANTS = ("prv", "rdp")
+COVERS = ("the training images (each image's influence on the weights); not the class counts in the manifest, "
+          "nor the choice of hyper-parameters")
+
+# Opacus computes per-sample gradients in full backward hooks, which warn when the network's
+# inputs need no gradient (they never do here); its RDP analysis (PRV uses it to bound its domain)
+# warns when the best order is the largest it tries: the bound is then looser than it could be, never
+# below the true epsilon.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed", category=UserWarning)
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+
+
+def check_dp_block(block, where: str) -> None:
+    """Refuse a DP claim that does not state (or states nonsense for) what makes it checkable."""
+    from . import _bad
+
+    if not isinstance(block, dict) or any(block.get(k) is None for k in DP_FIELDS):
+        raise _bad(where, f"a DP claim must state {', '.join(DP_FIELDS)}")
+
+    def number(key, ok, what):
+        v = block[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise _bad(where, f"dp.{key} must be {what}; got {str(v)[:40]!r}")
+
+    number("epsilon", lambda v: v > 0, "a finite number > 0")
+    number("delta", lambda v: 0 < v < 1, "a number in (0, 1)")
+    number("noise_multiplier", lambda v: v > 0, "a finite number > 0")  # no noise: no finite epsilon
+    number("max_grad_norm", lambda v: v > 0, "a finite number > 0")
+    number("sample_rate", lambda v: 0 < v <= 1, "a number in (0, 1]")
+    if isinstance(block["steps"], bool) or not isinstance(block["steps"], int) or block["steps"] < 1:
+        raise _bad(where, f"dp.steps must be a positive integer; got {str(block['steps'])[:40]!r}")
+    if block["accountant"] not in ACCOUNTANTS:
+        raise _bad(where, f"dp.accountant must be one of {', '.join(ACCOUNTANTS)}; got {str(block['accountant'])[:40]!r}")
+    k = block.get("noise_multiplicity", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise _bad(where, f"dp.noise_multiplicity must be a positive integer; got {str(k)[:40]!r}")
+
+
+def spent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """epsilon of `steps` Poisson-subsampled Gaussian steps at (sigma, q), for this delta."""
+    from opacus.accountants import create_accountant
+
+    acct = create_accountant(mechanism=accountant)
+    acct.history = [(noise_multiplier, sample_rate, steps)]  # as Opacus's get_noise_multiplier composes
+    return float(acct.get_epsilon(delta=delta))
+
+
+def plan(dp: dict, n: int, batch: int, budget_images: int) -> dict:
+    """The DP-SGD run for a site of n images, and the claim it makes (the manifest's `dp` block).
+
+    The expected batch is `batch` (all n images when n is smaller), and steps are counted so
+    that `budget_images` stays the expected number of images seen. Given a target epsilon and
+    no noise multiplier, Opacus finds the smallest sigma (to 0.01 in epsilon) that meets it;
+    given both, the noise is as set and the target is a ceiling the run must not pass."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    target, sigma, k = float(dp.get("epsilon", 0)), float(dp.get("noise_multiplier", 0)), dp.get("noise_multiplicity", 1)
+    accountant, clip = dp.get("accountant", "prv"), float(dp.get("max_grad_norm", 1.0))
+    if accountant not in ACCOUNTANTS:
+        raise FedFactoryError(f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}")
+    if not (target >= 0 and sigma >= 0 and target + sigma > 0 and math.isfinite(target + sigma)):
+        raise FedFactoryError("DP training needs privacy.epsilon > 0 or privacy.noise_multiplier > 0 (finite)")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise FedFactoryError(f"privacy.noise_multiplicity must be an integer >= 1; got {k!r}")
+    if not (clip > 0 and math.isfinite(clip)):
+        raise FedFactoryError(f"privacy.max_grad_norm must be > 0; got {clip!r}")
+    batch = min(int(batch), n)
+    q, steps = batch / n, max(1, math.ceil(budget_images / batch))
+    delta = float(dp.get("delta", 0)) or 1 / (10 * n)  # below 1/n, which publishing one random image meets
+    if not 0 < delta < 1:
+        raise FedFactoryError(f"privacy.delta must be in (0, 1); got {delta!r}")
+    if sigma == 0:
+        try:
+            sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
+                                         accountant=accountant)
+        except ValueError as e:
+            raise FedFactoryError(f"privacy.epsilon {target:g}: {e}") from None
+    eps = spent_epsilon(sigma, q, steps, delta, accountant)
+    if target and eps > target:
+        raise FedFactoryError(f"privacy.noise_multiplier {sigma:g} spends epsilon {eps:.3g} over {steps} steps, "
+                              f"more than privacy.epsilon {target:g}: raise the noise or lower module.budget_images")
+    return {"epsilon": eps, "delta": delta, "noise_multiplier": float(sigma), "max_grad_norm": clip,
+            "sample_rate": q, "steps": int(steps), "accountant": accountant, "noise_multiplicity": k,
+            "covers": COVERS, "noise": "secret: drawn from operating-system entropy, not recorded", "batch": batch}
+
+
+def claim(p: dict) -> dict:
+    """The manifest's `dp` block of a plan: what was spent, and on what."""
+    return {k: v for k, v in p.items() if k != "batch"}
+
+
+def poisson_batches(rng: np.random.Generator, n: int, q: float, steps: int, device: torch.device):
+    """Per-step indices of a Poisson sample (each image in with probability q, independently: the
+    sampling the accountant assumes). A batch may be empty; its step is noise alone."""
+    for _ in range(steps):
+        yield torch.from_numpy(np.flatnonzero(rng.random(n) < q)).to(device)
+
+
+def make_private(net: torch.nn.Module, opt: torch.optim.Optimizer, p: dict, generator: torch.Generator):
+    """Per-sample gradient hooks on `net`'s layers (the returned module holds them; call `net` itself),
+    and `opt` wrapped to clip, noise and average the gradients.
+
+    secure_mode is off: the noise comes from `generator`, seeded from the operating system's entropy
+    (fit), so it is secret but not hardened against floating-point attacks on Gaussian sampling
+    (Opacus's secure_mode draws it from a CSPRNG with those mitigations)."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from opacus.optimizers import DPOptimizer
+
+    def conv_grad_sample(layer, activations, backprops):
+        # Opacus unfolds a convolution's input with as_strided, which assumes a contiguous input;
+        # the attention's output projection gets a transposed view, and its per-sample gradients
+        # came out wrong without this copy (measured: off by more than their own norm).
+        return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
+
+    class PerSampleGrads(GradSampleModule):
+        GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, torch.nn.Conv2d: conv_grad_sample}
+
+    model = PerSampleGrads(net, loss_reduction="mean")  # per-sample grads = n x grads of the batch mean
+    dpopt = DPOptimizer(opt, noise_multiplier=p["noise_multiplier"], max_grad_norm=p["max_grad_norm"],
+                        expected_batch_size=p["batch"], loss_reduction="mean", generator=generator, secure_mode=False)
+    return model, dpopt
+
+
+def per_image_grads(params, images: int, k: int) -> None:
+    """Turn the backward's per-row gradients into the per-image gradients that DPOptimizer clips:
+    in fp32 (a bf16 autocast leaves some in bf16, whose norms would round the clip bound), the
+    mean over each image's k rows (its noise levels), and zero rows for an empty batch."""
+    for p in params:
+        if images == 0:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        else:
+            g = p.grad_sample.to(p.dtype)
+            p.grad_sample = g.reshape(images, k, *p.shape).mean(1) if k > 1 else g
