@@ -109,8 +109,9 @@ def denoising_losses(module: GenerativeModule, images: np.ndarray, labels: np.nd
 
 
 def audit(module: GenerativeModule, train_x: np.ndarray, train_y: np.ndarray, held_x: np.ndarray,
-          held_y: np.ndarray, samples_per_class: int, seed: int, progress=None) -> dict:
-    """The audit of a trained module against its site's training and held-out images (uint8 NHWC)."""
+          held_y: np.ndarray, samples_per_class: int, seed: int) -> tuple[dict, list]:
+    """The audit of a trained module against its site's training and held-out images (uint8 NHWC), and
+    its closest pairs (ratio, generated image, nearest training image), closest first, for the site's report."""
     per_class, pooled = {}, {"copy": [], "copy_feat": [], "nn_counts": [], "is_train": [], "in": [], "out": []}
     worst = []  # (ratio, generated image, nearest training image), for the site's own report
     rng = np.random.default_rng(derive_seed(seed, module.client_id, "audit"))
@@ -143,8 +144,6 @@ def audit(module: GenerativeModule, train_x: np.ndarray, train_y: np.ndarray, he
                 pooled["in"].append(members)
                 pooled["out"].append(others)
         per_class[str(c)] = row
-        if progress:
-            progress(c)
     result = {"samples_per_class": samples_per_class, "copy_ratio": round(COPY_RATIO, 4),
               "copy_rate": float(np.mean(np.concatenate(pooled["copy"]))),
               "copy_rate_features": float(np.mean(np.concatenate(pooled["copy_feat"])))}
