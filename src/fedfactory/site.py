@@ -88,7 +88,7 @@ def audit_module(cfg: dict, module: GenerativeModule, train_x, train_y, held_x, 
 def save_audit_report(module: GenerativeModule, folder: str | Path) -> None:
     """The site's own audit report, if the module was audited here: a folder of its own, never inside
     the module's (it shows training images)."""
-    if getattr(module, "audit_pairs", None) is not None:
+    if module.audit_pairs is not None:
         write_site_report(Path(folder), module.client_id, module.privacy["audit"], module.audit_pairs)
 
 

@@ -111,6 +111,7 @@ class GenerativeModule(ABC):
         self.net: torch.nn.Module | None = None   # EMA weights: what is shipped and sampled
         self.stats: dict = {}
         self.privacy: dict = {}  # {"audit": ..., "dp": ...}: what the module reveals (privacy/)
+        self.audit_pairs: list | None = None  # the audit's closest pairs (training images): never saved with it
 
     # -- what a kind defines ------------------------------------------------------------
     @abstractmethod
