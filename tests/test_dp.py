@@ -12,7 +12,7 @@ from fedfactory.errors import FedFactoryError
 from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.modules.cvae import CVAEModule
 from fedfactory.modules.diffusion import DiffusionModule
-from fedfactory.privacy.dp import DP_FIELDS, make_private, per_image_grads, plan, spent_epsilon
+from fedfactory.privacy.dp import DP_FIELDS, conv_grad_sample, make_private, per_image_grads, plan, spent_epsilon
 
 # Opacus's backward hooks warn that the network's inputs need no gradient (dp.py silences it
 # outside pytest, which resets warning filters per test); its RDP analysis warns on its alpha range.
@@ -85,6 +85,27 @@ def test_per_sample_gradients_are_each_images_own(kind):
     other = flat(p.grad_sample.reshape(len(x), -1).T for p in dpopt.params).reshape(-1, len(x))
     assert torch.allclose(per_image[:, 0], other[:, 0], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(per_image[:, 5], other[:, 5], rtol=1e-2)
+
+
+@pytest.mark.parametrize("stride,padding,transposed", [(1, 1, False), (2, 1, False), (1, 0, True)])
+def test_grouped_conv_per_image_gradients_match_the_definition(stride, padding, transposed):
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(3, 4, 3, stride, padding)
+    x = torch.randn(5, 3, 9, 9)
+    if transposed:  # a view that is not contiguous, as the attention's output projection gets
+        x = torch.randn(5, 3, 9, 9).transpose(2, 3)
+    out = layer(x)
+    g = torch.randn_like(out)
+    ours = conv_grad_sample(layer, [x], g)
+
+    def one(params, xi, gi):  # image i's own gradient, by definition
+        return (functional_call(layer, params, (xi[None],)) * gi[None]).sum()
+
+    ref = vmap(grad(one), in_dims=(None, 0, 0))(dict(layer.named_parameters()), x, g)
+    assert torch.allclose(ours[layer.weight], ref["weight"], atol=1e-5)
+    assert torch.allclose(ours[layer.bias], ref["bias"], atol=1e-5)
 
 
 def test_clipping_bounds_one_images_influence():
