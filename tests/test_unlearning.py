@@ -36,6 +36,24 @@ def test_unlearning_equals_a_federation_without_the_client(digits_npz, tmp_path)
     # the original run is untouched
     assert (tmp_path / "abcd/modules/client-2/module.safetensors").exists()
 
+    # the rebuild took the kept modules' draws from the run's shards; only draws the new plan changed
+    # (classes 2 and 3, which client-2 shared) were sampled again, and none of client-2's images came along
+    drawn = {(d["client"], d["class"], d["n"], d["seed"]) for d in full["synthetic"]["sources"]}
+    assert [d["reused"] for d in after["synthetic"]["sources"]] == \
+        [(d["client"], d["class"], d["n"], d["seed"]) in drawn for d in after["synthetic"]["sources"]]
+    assert sum(d["reused"] for d in after["synthetic"]["sources"]) == 4
+    assert not any(d["reused"] for d in fresh["synthetic"]["sources"] + full["synthetic"]["sources"])
+    index = json.loads((tmp_path / "abd/synthetic/index.json").read_text())
+    assert "client-2" not in {e["client"] for e in index.values()}
+    assert sorted(p.name for p in (tmp_path / "abd/synthetic").iterdir()) == sorted([f"{k}.npy" for k in index] + ["index.json"])
+    old = json.loads((tmp_path / "abcd/synthetic/index.json").read_text())
+    forgotten = {(tmp_path / f"abcd/synthetic/{k}.npy").read_bytes() for k, e in old.items() if e["client"] == "client-2"}
+    assert forgotten and not forgotten & {p.read_bytes() for p in (tmp_path / "abd/synthetic").glob("*.npy")}
+    # a resumed run (the same folder) reuses every draw
+    resumed = run(load_config("configs/fashion-silos.toml", overrides), tmp_path / "abcd", resume=True)
+    assert all(d["reused"] for d in resumed["synthetic"]["sources"])
+    assert resumed["synthetic"]["sha256"] == full["synthetic"]["sha256"] and resumed["metrics"] == full["metrics"]
+
 
 def test_unlearning_a_sole_holder_drops_its_class(digits_npz, tmp_path):  # noqa: F811
     run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), tmp_path / "silos")

@@ -74,6 +74,7 @@ DEFAULTS: dict = {
         "per_class": 1000,         # synthetic images per class
         "aggregation": "weighted",  # weighted | uniform: how a shared class is split over modules
         "missing_classes": "error",  # error | drop: a class that no module covers
+        "keep_shards": True,        # keep each draw in RUN_DIR/synthetic/: resume and unlearn reuse it
     },
     "classifier": {
         "mode": "server",       # server | local (Product of Experts)

@@ -27,7 +27,7 @@ from .data import Dataset, LabelledImages, cap_per_class, load_dataset
 from .data.folder import load_labelled
 from .errors import FedFactoryError
 from .evaluate import evaluate
-from .factory import SyntheticSet, synthesize
+from .factory import ShardStore, SyntheticSet, synthesize
 from .modules import GenerativeModule, load_module
 from .modules.fileformat import WEIGHTS, write_module_dir
 from .modules.limits import Limits
@@ -144,11 +144,18 @@ def _local_experts(cfg: dict, modules: list[GenerativeModule], experts: dict) ->
     return {cid: experts[cid] for cid in sorted(experts)}
 
 
-def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int, class_names: list[str]):
-    """The factory: a class-balanced synthetic set from every module."""
+def shard_store(cfg: dict, run_dir: Path | None) -> ShardStore | None:
+    """The run's kept synthetic draws (RUN_DIR/synthetic/), unless factory.keep_shards is off."""
+    return ShardStore(Path(run_dir) / "synthetic") if run_dir is not None and cfg["factory"]["keep_shards"] else None
+
+
+def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int, class_names: list[str],
+                   run_dir: Path | None = None):
+    """The factory: a class-balanced synthetic set from every module; with a run_dir, draws kept there
+    (a resumed or unlearned run) are taken from it instead of sampled again."""
     f = cfg["factory"]
     return synthesize(modules, num_classes, f["per_class"], cfg["seed"], f["aggregation"], f["missing_classes"],
-                      class_names, progress=cfg["runtime"]["progress"])
+                      class_names, progress=cfg["runtime"]["progress"], store=shard_store(cfg, run_dir))
 
 
 def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, timings: dict,
@@ -163,7 +170,7 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
     num_classes = test.num_classes
     if synth is None:
         t = time.perf_counter()
-        synth = synthesize_all(cfg, modules, num_classes, test.class_names)
+        synth = synthesize_all(cfg, modules, num_classes, test.class_names, run_dir)
         timings["synthesis"] = time.perf_counter() - t
     t = time.perf_counter()
     kw = classifier_kw(cfg, test.augment)

@@ -3,6 +3,8 @@
 The federation's state is its set of modules, and every later step (synthesis streams, classifier
 seeds) is keyed by stable names, so the rebuilt run is exactly the run that a federation without
 that client would have produced: same synthetic set, same classifier weights, same metrics.
+The remaining modules' kept synthetic draws (factory.ShardStore) are copied over rather than
+sampled again, so forgetting costs about one classifier training.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from pathlib import Path
 
 from ..config import dumps, load_config
 from ..errors import FedFactoryError
+from ..factory import ShardStore, plan, shard_keys
 from ..modules import load_module
 from ..registry import append_audit, read_registry, verify
 from ..report import METRICS, write_report
 from ..utils import atomic_write_json, atomic_write_text
 from ..runtime import setup_runtime
-from ..server import build, load_results, load_test_set, images_digest
+from ..server import build, load_results, load_test_set, images_digest, shard_store
 
 
 def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, reason: str = "",
@@ -71,6 +74,11 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     atomic_write_text(out / "config.toml", dumps(cfg))
 
     modules = [load_module(out / e["path"], cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for e in keep.values()]
+    store = shard_store(cfg, out)
+    if store is not None:  # the kept modules' draws that the new plan asks for, as they are: never the client's own
+        f = cfg["factory"]
+        draws, _ = plan(modules, test.num_classes, f["per_class"], f["aggregation"])
+        store.adopt(ShardStore(run_dir / "synthetic"), shard_keys(modules, draws, cfg["seed"]).values())
     timings = {"data": time.perf_counter() - t}
     lines = ["## Unlearning", "",
              f"Client **{client}** was removed{f' (reason: {reason})' if reason else ''}; its module "
