@@ -61,11 +61,12 @@ def new_module(cfg: dict, client_id: str) -> GenerativeModule:
                device=rt["device"], bf16=rt["bf16"], progress=rt["progress"], compile=rt["compile"], dp=dp)
 
 
-def train_module(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarray) -> GenerativeModule:
+def train_module(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarray,
+                 on_progress=None) -> GenerativeModule:
     """The site's generative module, trained from scratch on its own images only, less the seeded share
-    held out for its privacy audit (privacy.holdout), then audited against it."""
+    held out for its privacy audit (privacy.holdout), then audited against it (`on_progress`: fit's)."""
     train, held = holdout_split(labels, cfg["privacy"]["holdout"], cfg["seed"], client_id)
-    module = new_module(cfg, client_id).fit(images[train], labels[train])
+    module = new_module(cfg, client_id).fit(images[train], labels[train], on_progress=on_progress)
     if len(held):
         audit_module(cfg, module, images[train], labels[train], images[held], labels[held])
     return module

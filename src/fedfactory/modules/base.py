@@ -37,6 +37,8 @@ SAMPLE_CHUNK = 100
 GPU_SAMPLE_PIXELS = 1 << 21
 # Batch indices are drawn on the host this many steps at a time and copied once per block.
 INDEX_BLOCK = 512
+# fit's on_progress is called at most this often (seconds): enough for a display, a negligible cost.
+PROGRESS_EVERY = 1.0
 
 
 def to_model(pixels: torch.Tensor) -> torch.Tensor:
@@ -133,10 +135,12 @@ class GenerativeModule(ABC):
     def num_local_classes(self) -> int:
         return len(self.classes)
 
-    def fit(self, images: np.ndarray, labels: np.ndarray, checkpoint=None, checkpoint_every: int = 0) -> "GenerativeModule":
+    def fit(self, images: np.ndarray, labels: np.ndarray, checkpoint=None, checkpoint_every: int = 0,
+            on_progress=None) -> "GenerativeModule":
         """Train from scratch on one client's images (uint8 N x H x W x C) and labels; with `dp`
         set, by DP-SGD (privacy/dp.py), and the spent budget goes to `privacy["dp"]`.
-        `checkpoint(images_seen, ema_network)` is called every `checkpoint_every` steps."""
+        `checkpoint(images_seen, ema_network)` is called every `checkpoint_every` steps;
+        `on_progress(steps_done, steps, images_seen, seconds)` about once a second and once at the end."""
         images, labels = np.asarray(images), np.asarray(labels, np.int64)
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels) or len(images) == 0:
             raise FedFactoryError(f"{self.client_id}: fit needs uint8 N x H x W x C images and N labels, N > 0; "
@@ -183,8 +187,10 @@ class GenerativeModule(ABC):
 
         net.train()
         t0, seen, loss_avg = time.perf_counter(), 0, None
-        bar = tqdm(range(steps), desc=f"{self.kind} {self.client_id}", unit="step", disable=not self.progress,
-                   leave=False, dynamic_ncols=True)
+        told = t0  # when on_progress was last called
+        # disable=None: no bar when stderr is not a terminal (a log file), as the runners' bars
+        bar = tqdm(range(steps), desc=f"{self.kind} {self.client_id}", unit="step",
+                   disable=None if self.progress else True, leave=False, dynamic_ncols=True)
         for step, idx in zip(bar, batches):
             x, y = to_model(pixels[idx]), y_all[idx]
             if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
@@ -214,7 +220,12 @@ class GenerativeModule(ABC):
             if loss is not None:  # a running mean kept on the device: read (a host sync) only when the bar shows it
                 loss = loss.detach().double()
                 loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
-            if self.progress and (step % 20 == 0 or step == steps - 1) and loss_avg is not None:
+            # Host-side counts only, no device read: on a GPU the steps told are those queued, a bounded
+            # distance ahead of the device.
+            if on_progress and time.perf_counter() - told >= PROGRESS_EVERY:
+                told = time.perf_counter()
+                on_progress(step + 1, steps, seen, told - t0)
+            if not bar.disable and (step % 20 == 0 or step == steps - 1) and loss_avg is not None:
                 bar.set_postfix(loss=f"{loss_avg.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         for be, b in zip(ema.buffers(), net.buffers()):
@@ -225,6 +236,8 @@ class GenerativeModule(ABC):
         wall = time.perf_counter() - t0
         self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
                       "images_seen": seen, "final_loss": round(final_loss, 5)}
+        if on_progress:
+            on_progress(steps, steps, seen, wall)
         self.privacy.pop("dp", None)
         if self.dp is not None:
             hooks.remove_hooks()

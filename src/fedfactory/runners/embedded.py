@@ -9,6 +9,9 @@ It only orchestrates: the sites and the server are the same code that `fedfactor
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import queue
 import time
 from pathlib import Path
 
@@ -79,11 +82,13 @@ def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | Non
     return m
 
 
-def _train_in_worker(cfg: dict, cid: str, path: str) -> dict:
-    """A site's training in its own process (the sites of a federation are independent)."""
+def _train_in_worker(cfg: dict, cid: str, path: str, news=None) -> dict:
+    """A site's training in its own process (the sites of a federation are independent); its progress
+    goes to the `news` queue, if given, as (client, steps done, steps, images seen, seconds)."""
     setup_runtime(cfg)
     ds, part = prepare_data(cfg)
-    module = train_module(cfg, cid, *site_data(ds, part, cid))
+    tell = None if news is None else lambda *p: news.put((cid, *p))
+    module = train_module(cfg, cid, *site_data(ds, part, cid), on_progress=tell)
     manifest = module.save(path)
     save_audit_report(module, audit_dir(Path(path).parents[1], cid))
     return manifest
@@ -92,6 +97,60 @@ def _train_in_worker(cfg: dict, cid: str, path: str) -> dict:
 def audit_dir(run_dir: Path, cid: str) -> Path:
     """Where a simulated site keeps its own audit report: beside the modules, never inside one."""
     return run_dir / "site-audits" / cid
+
+
+class ClientProgress:
+    """The parallel path's display: a bar per client in training (steps, img/s, its ETA), fed by the
+    workers' news, and the ETA of the phase's training on the clients bar."""
+
+    def __init__(self, bar: tqdm, news, clients: int, workers: int):
+        self.bar, self.news, self.clients, self.workers = bar, news, clients, workers
+        self.state, self.bars = {}, {}  # client -> latest (step, steps, seconds); client -> its bar
+        bar.bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's own ETA: clients/s, useless here
+
+    def poll(self, timeout: float = 0.5) -> None:
+        """Show the news that arrives within `timeout` seconds."""
+        try:
+            item = self.news.get(timeout=timeout)
+            while True:
+                self.show(*item)
+                item = self.news.get_nowait()
+        except queue.Empty:
+            pass
+        eta = self.eta()
+        if eta is not None:
+            self.bar.set_postfix_str(f"ETA {tqdm.format_interval(eta)}")
+
+    def show(self, cid: str, step: int, steps: int, seen: int, seconds: float) -> None:
+        self.state[cid] = (step, steps, seconds)
+        b = self.bars.get(cid)
+        if b is None and step < steps:  # tqdm places it on the first free line below the clients bar
+            b = self.bars[cid] = tqdm(total=steps, desc=f"  {cid}", unit="step", leave=False, dynamic_ncols=True)
+        if b is None:
+            return
+        if step >= steps:  # trained (its audit and upload follow): its line goes
+            b.close()
+            return
+        # the worker's clock, not the bar's: tqdm's rate (steps/s) and ETA are then step / seconds
+        b.n, b.start_t = step, time.time() - seconds
+        b.set_postfix_str(f"{seen / max(seconds, 1e-9):.0f} img/s")
+
+    def eta(self) -> float | None:
+        """Seconds of training left: the running clients' own ETAs, then each client not heard from yet
+        taking as long as the mean client so far, on the first worker free."""
+        if not self.state:
+            return None
+        totals = [steps * sec / max(step, 1) for step, steps, sec in self.state.values()]
+        free = sorted(t - sec for t, (step, steps, sec) in zip(totals, self.state.values()) if step < steps)
+        free = free[:self.workers] + [0.0] * max(0, self.workers - len(free))
+        heapq.heapify(free)
+        for _ in range(self.clients - len(self.state)):
+            heapq.heapreplace(free, free[0] + sum(totals) / len(totals))
+        return max(free)
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
 
 
 def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
@@ -106,7 +165,9 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
         else:
             modules[cid] = m
     rt = cfg["runtime"]
-    bar = tqdm(total=len(todo), desc="client modules", unit="client", disable=not rt["progress"], dynamic_ncols=True)
+    # disable=None: no display when stderr is not a terminal (a log file, a pipe)
+    bar = tqdm(total=len(todo), desc="client modules", unit="client", disable=None if rt["progress"] else True,
+               dynamic_ncols=True)
     workers = min(rt["parallel_clients"], len(todo))
     if workers > 1:
         import multiprocessing
@@ -114,11 +175,23 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
 
         sub = {**cfg, "runtime": {**rt, "progress": False,
                                   "threads": rt["threads"] or max(1, torch.get_num_threads() // workers)}}
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {cid: pool.submit(_train_in_worker, sub, cid, str(run_dir / "modules" / cid)) for cid in todo}
-            for cid in todo:  # registered in client order, whatever order they finish in
-                register(run_dir, futures[cid].result())
-                bar.update(1)
+        ctx, show = multiprocessing.get_context("spawn"), not bar.disable
+        # The manager (only when shown) outlives the pool: workers may still report while it shuts down.
+        with ctx.Manager() if show else contextlib.nullcontext() as manager, \
+                ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            news = manager.Queue() if show else None  # the workers' progress (a proxy: passes to spawned workers)
+            view = ClientProgress(bar, news, len(todo), workers) if show else None
+            futures = {cid: pool.submit(_train_in_worker, sub, cid, str(run_dir / "modules" / cid), news)
+                       for cid in todo}
+            try:
+                for cid in todo:  # registered in client order, whatever order they finish in
+                    while view and not futures[cid].done():
+                        view.poll()
+                    register(run_dir, futures[cid].result())  # a worker's exception surfaces here
+                    bar.update(1)
+            finally:
+                if view:
+                    view.close()
     else:
         for cid in todo:
             m = train_module(cfg, cid, *site_data(ds, part, cid))
@@ -166,7 +239,7 @@ def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     experts = synth = None
     if cfg["classifier"]["mode"] == "local":
         t = time.perf_counter()
-        synth = synthesize_all(cfg, modules, ds.num_classes, ds.class_names)
+        synth = synthesize_all(cfg, modules, ds.num_classes, ds.class_names, run_dir)
         timings["synthesis"] = time.perf_counter() - t
         t = time.perf_counter()
         experts = train_experts(cfg, ds, part, synth)
