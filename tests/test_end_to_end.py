@@ -32,7 +32,7 @@ def toy_overrides(npz, mode="server", scheme="silos", clients=4):
             "module.channels=8", "module.channel_mult=[1, 2]", "module.num_blocks=1",
             "module.budget_images=2048", "module.batch_size=32", "module.sample_steps=3",
             "factory.per_class=40", "classifier.budget_images=2048", "classifier.batch_size=64",
-            "classifier.width=8", f"classifier.mode='{mode}'", "runtime.progress=false", "runtime.parallel_clients=1"]
+            "classifier.width=8", "quality.reference_budget=1024", f"classifier.mode='{mode}'", "runtime.progress=false", "runtime.parallel_clients=1"]
 
 
 @pytest.mark.parametrize("mode", ["server", "local"])
@@ -52,6 +52,14 @@ def test_pipeline_writes_sane_results(digits_npz, tmp_path, mode):
     for f in ("report.md", "samples.png", "confusion.png", "config.toml", "registry.json", "audit.jsonl"):
         assert (out / f).stat().st_size > 0
     assert "| accuracy |" in (out / "report.md").read_text()
+    # every module's quality, measured in a reference classifier's features against the real test images
+    q = res["quality"]
+    assert q["reference"]["budget_images"] == 1024 and 0 <= q["reference"]["test_accuracy"] <= 1
+    assert {c: list(per) for c, per in q["modules"].items()} == {f"client-{i}": [str(i)] for i in range(4)}
+    for per in q["modules"].values():
+        m = per[next(iter(per))]
+        assert m["fid"] >= 0 and 0 <= m["precision"] <= 1 and 0 <= m["coverage"] <= 1 and m["synthetic"] == 40
+    assert "## Module quality" in (out / "report.md").read_text() and (out / "classifiers/reference.safetensors").exists()
     for m in res["modules"]:
         assert load_module(out / "modules" / m["client"]).saved_manifest["weights_sha256"] == m["sha256"]
 

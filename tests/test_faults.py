@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,37 @@ def test_a_read_only_run_folder_is_a_clear_error(digits_npz, small_disk):  # noq
     _, err = proc.communicate(timeout=300)
     assert proc.returncode in (1, 2) and "Traceback" not in err, err
     assert "Read-only file system" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return " Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_run_leaves_no_worker_training_on(tmp_path):
+    """A site's worker process ends when the run that started it dies, instead of training on as an
+    orphan (found in use: two orphans of a killed run kept both cores busy and wrote into its folder)."""
+    script = """
+import os, sys, time, multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from fedfactory.runners.embedded import _exit_with_parent
+pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                           initializer=_exit_with_parent if sys.argv[1] == "watched" else None, initargs=(os.getpid(),))
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 30)  # a long task, as a module's training
+time.sleep(0.5)
+os._exit(0)  # killed: no shutdown
+"""
+    pids = {}
+    for mode in ("watched", "bare"):
+        with open(tmp_path / mode, "w") as f:  # a file, not a pipe: an orphan would hold a pipe open
+            subprocess.run([sys.executable, "-c", script, mode], stdout=f, stderr=subprocess.DEVNULL, timeout=120)
+        pids[mode] = int((tmp_path / mode).read_text().split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(pids["watched"]):
+        time.sleep(0.2)
+    assert not _alive(pids["watched"])
+    assert _alive(pids["bare"])  # without the watch, the orphan goes on with its task
+    os.kill(pids["bare"], 9)

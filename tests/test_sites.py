@@ -42,6 +42,8 @@ per_class = 40
 budget_images = 1024
 batch_size = 64
 width = 8
+[quality]
+reference_budget = 512
 [runtime]
 threads = 1
 progress = false

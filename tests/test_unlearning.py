@@ -27,6 +27,11 @@ def test_unlearning_equals_a_federation_without_the_client(digits_npz, tmp_path)
     assert (tmp_path / "abd/classifiers/server.safetensors").read_bytes() == \
         (tmp_path / "fresh/classifiers/server.safetensors").read_bytes()
     assert after["metrics"] == fresh["metrics"]
+    # the quality report's reference is retrained without client-2's images: the same as the fresh run's
+    assert (tmp_path / "abd/classifiers/reference.safetensors").read_bytes() == \
+        (tmp_path / "fresh/classifiers/reference.safetensors").read_bytes() != \
+        (tmp_path / "abcd/classifiers/reference.safetensors").read_bytes()
+    assert after["quality"] == fresh["quality"] and "client-2" not in after["quality"]["modules"]
     assert not (tmp_path / "abd/modules/client-2").exists()
     assert sorted(p.name for p in (tmp_path / "abd/modules").iterdir()) == ["client-0", "client-1", "client-3"]
     log = [json.loads(l) for l in (tmp_path / "abd/audit.jsonl").read_text().splitlines()]

@@ -113,6 +113,11 @@ DEFAULTS: dict = {
         "accountant": "prv",     # DP-SGD: prv | rdp
         "noise_multiplicity": 1,  # DP-SGD: noise levels per image per step (DPDM), no extra privacy cost
     },
+    "quality": {                 # each module's samples against the real test images of its class (quality.py)
+        "reference_budget": 50_000,  # images that train the feature classifier on the run's real training data (0 = no report)
+        "max_images": 1000,      # synthetic and real images per (module, class) that are measured
+        "k": 5,                  # nearest neighbours for precision, recall, density and coverage
+    },
     "baselines": {               # weight-averaging baselines on the same partition and classifier
         "rounds": 30,
         "local_epochs": 1,
@@ -259,7 +264,8 @@ CHOICES = {
 RANGES = {"privacy.holdout": (0.0, 0.5), "privacy.max_copy_rate": (0.0, 1.0), "privacy.max_closer_to_train": (0.5, 1.0),
           "privacy.max_mia_auc": (0.5, 1.0), "privacy.significance": (1e-12, 0.5), "privacy.epsilon": (0.0, 1e6),
           "privacy.noise_multiplier": (0.0, 1e3), "privacy.delta": (0.0, 0.5), "privacy.max_grad_norm": (1e-9, 1e9),
-          "privacy.noise_multiplicity": (1, 64), "privacy.audit_samples": (1, 100_000)}
+          "privacy.noise_multiplicity": (1, 64), "privacy.audit_samples": (1, 100_000),
+          "quality.reference_budget": (0, 10**10), "quality.max_images": (10, 10**6), "quality.k": (1, 100)}
 POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.max_resolution",
             "federation.max_count", "federation.max_module_bytes", "runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")

@@ -108,6 +108,27 @@ def privacy_table(modules: list[dict]) -> list[str]:
     return lines
 
 
+def quality_table(quality: dict, class_names: list[str]) -> list[str]:
+    """Each module's samples against the real test images of its class (quality.py), or why not measured."""
+    lines = ["## Module quality (synthetic against real test images, per module and class)", ""]
+    if "modules" not in quality:
+        return lines + [quality.get("note", "not measured"), ""]
+    ref = quality["reference"]
+    lines += ["| client | class | FD | precision | recall | density | coverage | synthetic | real |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for cid, per_class in quality["modules"].items():
+        for c, q in per_class.items():
+            vals = " | ".join("-" if q[k] is None else f"{q[k]:.4g}" for k in ("fid", "precision", "recall", "density",
+                                                                              "coverage"))
+            lines.append(f"| {cid} | {class_names[int(c)]} | {vals} | {q['synthetic']} | {q['real']} |")
+    return lines + ["", f"{quality['note']} The reference classifier ({ref['budget_images']:,} images) reaches "
+                    f"{ref['test_accuracy']:.4f} test accuracy. FD: Fréchet distance of the features (lower is "
+                    f"closer; in this feature space, not comparable with published FIDs). Precision: share of "
+                    f"synthetic images inside the real images' {quality['k']}-NN manifold (fidelity); recall: the "
+                    "converse (diversity); density and coverage: their outlier-robust versions (Naeem et al. 2020). "
+                    "A module far above the others in FD, or low in precision or coverage, is a weak site.", ""]
+
+
 def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
     m = results["metrics"]
     cfg = results["config"]
@@ -139,6 +160,8 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += ["", "## Modules", "", "| client | classes | SHA-256 | bytes |", "|---|---|---|---|"]
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
     lines += ["", *privacy_table(results["modules"])]
+    if "quality" in results:
+        lines += quality_table(results["quality"], class_names)
     lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
     lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:", "",

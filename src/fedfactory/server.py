@@ -32,6 +32,7 @@ from .modules import GenerativeModule, load_module
 from .modules.fileformat import WEIGHTS, write_module_dir
 from .modules.limits import Limits
 from .privacy import AUDIT_FRACTIONS
+from .quality import quality_report
 from .registry import register
 from .report import confusion_png, synthetic_vs_real, write_report
 from .runtime import classifier_kw
@@ -159,11 +160,13 @@ def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int,
 
 
 def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, timings: dict,
-          experts: dict | None = None, test_source: str = "", synth: SyntheticSet | None = None) -> dict:
+          experts: dict | None = None, test_source: str = "", synth: SyntheticSet | None = None,
+          reference=None) -> dict:
     """From the uploaded modules onwards: synthesis, classifier, evaluation, report, results.json.
 
     experts (local mode): client id -> (network, stats) as the sites trained them. synth: the
-    factory's set when the caller already made it from these modules.
+    factory's set when the caller already made it from these modules. reference: a classifier
+    trained on real training data (a simulated federation's), whose features measure each module.
     """
     modules = sorted(modules, key=lambda m: m.client_id)
     check_modules(cfg, modules, test)
@@ -191,6 +194,13 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
         log_proba -= np.logaddexp.reduce(log_proba, axis=1, keepdims=True)
     timings["classifier"] = time.perf_counter() - t
     metrics = evaluate(test.labels, log_proba, num_classes)
+    quality = {"note": "not measured: it needs a classifier trained on real training data, which only a "
+                       "simulated federation has (quality.reference_budget > 0)"}
+    if reference is not None:
+        t = time.perf_counter()
+        atomic_write_bytes(run_dir / "classifiers" / "reference.safetensors", classifier_to_bytes(reference, "reference"))
+        quality = quality_report(cfg, reference, synth, test, kw)
+        timings["quality"] = time.perf_counter() - t
     mods = [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
              "sha256": m.saved_manifest["weights_sha256"],
              "bytes": (run_dir / "modules" / m.client_id / WEIGHTS).stat().st_size, "train_stats": m.stats,
@@ -213,6 +223,7 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
         "synthetic": {"images": len(synth.labels), "sha256": synth.digest(),
                       "per_class": np.bincount(synth.labels, minlength=num_classes).tolist(), "sources": synth.sources},
         "classifier": clf_stats,
+        "quality": quality,
         "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
                           # local mode: every site downloads the other sites' modules
                           "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import os
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +25,11 @@ from ..data import Dataset, Partition, cap_per_class, load_dataset, make_partiti
 from ..errors import FedFactoryError
 from ..modules import GenerativeModule, ModuleFileError, load_module
 from ..registry import register
-from ..runtime import setup_runtime
+from ..runtime import classifier_kw, setup_runtime
 from ..factory import SyntheticSet
 from ..server import build, evaluation_split, start_run, synthesize_all
 from ..privacy.audit import holdout_split
+from ..quality import train_reference
 from ..site import POLICY, check_upload, new_module, save_audit_report, train_expert, train_module
 from ..utils import derive_seed
 
@@ -80,6 +83,17 @@ def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | Non
             or bool(fresh.dp) != ("dp" in m.privacy)):
         return None
     return m
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's initializer: end when the process that started it is gone (killed, crashed), rather
+    than train on as an orphan that competes for the cores and writes into the run folder."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _train_in_worker(cfg: dict, cid: str, path: str, news=None) -> dict:
@@ -178,7 +192,8 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
         ctx, show = multiprocessing.get_context("spawn"), not bar.disable
         # The manager (only when shown) outlives the pool: workers may still report while it shuts down.
         with ctx.Manager() if show else contextlib.nullcontext() as manager, \
-                ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
             news = manager.Queue() if show else None  # the workers' progress (a proxy: passes to spawned workers)
             view = ClientProgress(bar, news, len(todo), workers) if show else None
             futures = {cid: pool.submit(_train_in_worker, sub, cid, str(run_dir / "modules" / cid), news)
@@ -224,6 +239,16 @@ def train_experts(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) 
     return experts
 
 
+def sites_reference(cfg: dict, ds: Dataset, part: Partition):
+    """The feature network of the modules' quality report, trained on the participating sites' real
+    images (so a federation without a site, e.g. after unlearning, has one that never saw it); None
+    when quality.reference_budget is 0."""
+    if cfg["quality"]["reference_budget"] <= 0:
+        return None
+    idx = np.concatenate([part.indices[cid] for cid in part.clients])
+    return train_reference(cfg, ds.x_train[idx], ds.y_train[idx], ds.num_classes, classifier_kw(cfg, ds.augment))[0]
+
+
 def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     """The whole federation, simulated, writing into run_dir; `resume` reuses verified modules already there."""
     run_dir = Path(run_dir)
@@ -236,6 +261,9 @@ def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     t = time.perf_counter()
     modules = train_modules(cfg, ds, part, run_dir, resume)
     timings["modules"] = time.perf_counter() - t
+    t = time.perf_counter()
+    reference = sites_reference(cfg, ds, part)
+    timings["reference"] = time.perf_counter() - t
     experts = synth = None
     if cfg["classifier"]["mode"] == "local":
         t = time.perf_counter()
@@ -244,4 +272,5 @@ def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         t = time.perf_counter()
         experts = train_experts(cfg, ds, part, synth)
         timings["experts"] = time.perf_counter() - t
-    return build(cfg, modules, evaluation_split(cfg, ds), run_dir, timings, experts=experts, synth=synth)
+    return build(cfg, modules, evaluation_split(cfg, ds), run_dir, timings, experts=experts, synth=synth,
+                 reference=reference)

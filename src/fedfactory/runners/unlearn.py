@@ -80,6 +80,13 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
         draws, _ = plan(modules, test.num_classes, f["per_class"], f["aggregation"])
         store.adopt(ShardStore(run_dir / "synthetic"), shard_keys(modules, draws, cfg["seed"]).values())
     timings = {"data": time.perf_counter() - t}
+    reference = None
+    if "reference" in before.get("quality", {}):  # a simulated federation: its quality report's
+        from .embedded import prepare_data, sites_reference  # reference, retrained without the client's images
+
+        t = time.perf_counter()
+        reference = sites_reference(cfg, *prepare_data(cfg))
+        timings["reference"] = time.perf_counter() - t
     lines = ["## Unlearning", "",
              f"Client **{client}** was removed{f' (reason: {reason})' if reason else ''}; its module "
              f"(SHA-256 `{registry['modules'][client]['sha256'][:16]}`) is not in this run. Everything below was "
@@ -88,7 +95,7 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     if orphans:
         lines += [f"Classes that lost their only module, now never predicted: "
                   f"**{', '.join(names[c] for c in orphans)}**.", ""]
-    results = build(cfg, modules, test, out, timings, test_source=source)
+    results = build(cfg, modules, test, out, timings, test_source=source, reference=reference)
     lines += ["| metric | before | after |", "|---|---|---|"]
     lines += [f"| {k} | {before['metrics'][k]:.4f} | {results['metrics'][k]:.4f} |" for k in METRICS]
     results["unlearning"] = {"client": client, "reason": reason, "orphaned_classes": orphans, "source_run": str(run_dir),
