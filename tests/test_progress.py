@@ -95,3 +95,24 @@ def test_a_workers_error_still_surfaces_with_the_display(digits_npz, tmp_path, m
     cfg["data"]["name"] = f"npz:{tmp_path / 'gone.npz'}"  # the workers load their data from the config
     with pytest.raises(Exception, match="gone.npz"):
         embedded.train_modules(cfg, ds, part, tmp_path, resume=False)
+
+
+@pytest.mark.parametrize("cores,memory_gb,sites,setting,device,expected", [
+    (2, 24, 10, 0, "cpu", (2, 1)),      # this machine: two sites at a time, one thread each
+    (4, 24, 2, 0, "cpu", (2, 2)),       # fewer sites than cores: the cores are shared out
+    (64, 256, 10, 0, "cpu", (10, 6)),   # one process per site
+    (64, 8, 10, 0, "cpu", (3, 21)),     # as many as the memory holds (2.5 GB each)
+    (8, 24, 10, 3, "cpu", (3, 2)),      # runtime.parallel_clients, when set, is obeyed
+    (16, 128, 10, 0, "cuda", (1, 16)),  # one GPU: one site at a time
+])
+def test_the_automatic_split_of_sites_over_processes_and_threads(monkeypatch, cores, memory_gb, sites, setting,
+                                                                  device, expected):
+    from fedfactory import runtime
+
+    monkeypatch.setattr(runtime, "DEFAULT_THREADS", cores)
+    monkeypatch.setattr(runtime, "available_memory", lambda: memory_gb * 2**30)
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
+    cfg = {"runtime": {"parallel_clients": setting, "threads": 0, "device": device}}
+    assert runtime.site_split(cfg, sites) == expected
+    cfg["runtime"]["threads"] = 1  # set: each process's own (a site reproducing its module's bits)
+    assert runtime.site_split(cfg, sites)[1] == 1

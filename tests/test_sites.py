@@ -46,6 +46,7 @@ width = 8
 reference_budget = 512
 [runtime]
 threads = 1
+parallel_clients = 1
 progress = false
 """
 

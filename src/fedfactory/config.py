@@ -131,7 +131,7 @@ DEFAULTS: dict = {
         "device": "auto",   # auto | cpu | cuda
         "bf16": "auto",     # auto (on where it is faster) | on | off
         "threads": 0,       # torch CPU threads (0 = all cores; with parallel_clients, cores / workers each)
-        "parallel_clients": 1,  # client modules trained at once, in separate processes
+        "parallel_clients": 0,  # client modules trained at once, in separate processes (0 = automatic: runtime.site_split)
         "compile": False,   # torch.compile on GPU
         "deterministic": True,  # GPU: deterministic kernels (same GPU, driver and torch give the same bits)
         "progress": True,
@@ -267,12 +267,12 @@ RANGES = {"privacy.holdout": (0.0, 0.5), "privacy.max_copy_rate": (0.0, 1.0), "p
           "privacy.noise_multiplicity": (1, 64), "privacy.audit_samples": (1, 100_000),
           "quality.reference_budget": (0, 10**10), "quality.max_images": (10, 10**6), "quality.k": (1, 100)}
 POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.max_resolution",
-            "federation.max_count", "federation.max_module_bytes", "runtime.parallel_clients", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
+            "federation.max_count", "federation.max_module_bytes", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
 # Module keys are checked only when set (absent = the preset's value).
 POSITIVE_IF_SET = ("module.channels", "module.num_blocks", "module.budget_images", "module.batch_size", "module.lr",
                    "module.sample_steps", "module.guidance", "module.latent")
-NON_NEGATIVE = ("module.ema_halflife_images", "module.warmup_images", "module.sigma_min", "module.dropout",
+NON_NEGATIVE = ("runtime.parallel_clients", "module.ema_halflife_images", "module.warmup_images", "module.sigma_min", "module.dropout",
                 "module.label_dropout", "classifier.blur")
 
 

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..data import Dataset, Partition, cap_per_class, load_dataset, make_partition
 from ..errors import FedFactoryError
 from ..modules import GenerativeModule, ModuleFileError, load_module
 from ..registry import register
-from ..runtime import classifier_kw, setup_runtime
+from ..runtime import classifier_kw, setup_runtime, site_split
 from ..factory import SyntheticSet
 from ..server import build, evaluation_split, start_run, synthesize_all
 from ..privacy.audit import holdout_split
@@ -168,8 +167,8 @@ class ClientProgress:
 
 
 def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
-    """Every site's module, trained here or reused (resume); `runtime.parallel_clients` > 1
-    trains that many sites at once in separate processes, each with its share of the threads."""
+    """Every site's module, trained here or reused (resume); several sites at once in separate
+    processes, each with its share of the cores, as runtime.site_split decides."""
     todo, modules = [], {}
     for cid in part.clients:
         path = run_dir / "modules" / cid
@@ -182,13 +181,12 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
     # disable=None: no display when stderr is not a terminal (a log file, a pipe)
     bar = tqdm(total=len(todo), desc="client modules", unit="client", disable=None if rt["progress"] else True,
                dynamic_ncols=True)
-    workers = min(rt["parallel_clients"], len(todo))
+    workers, threads = site_split(cfg, len(todo))
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        sub = {**cfg, "runtime": {**rt, "progress": False,
-                                  "threads": rt["threads"] or max(1, torch.get_num_threads() // workers)}}
+        sub = {**cfg, "runtime": {**rt, "progress": False, "threads": threads}}
         ctx, show = multiprocessing.get_context("spawn"), not bar.disable
         # The manager (only when shown) outlives the pool: workers may still report while it shuts down.
         with ctx.Manager() if show else contextlib.nullcontext() as manager, \
