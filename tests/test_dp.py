@@ -232,3 +232,19 @@ def test_without_dp_no_claim():
     x, y = data()
     m = DiffusionModule(ARCH, {"budget_images": 16, "batch_size": 8}, client_id="site-a", progress=False).fit(x, y)
     assert "dp" not in m.privacy and "privacy" not in m.manifest()
+
+
+def test_resume_reuses_a_dp_module_only_under_the_same_privacy_settings(tmp_path):
+    from fedfactory.config import load_config
+    from fedfactory.runners.embedded import _reusable
+    from fedfactory.site import new_module
+
+    x, y = data()
+    base = ["privacy.holdout=0", "runtime.progress=false", "module.channels=8", "module.channel_mult=[1]",
+            "module.num_blocks=1", "module.budget_images=32", "module.batch_size=8", "privacy.accountant='rdp'"]
+    cfg = load_config("configs/fashion-silos.toml", base + ["privacy.epsilon=10"])
+    new_module(cfg, "client-0").fit(x, y).save(tmp_path / "m")
+    assert _reusable(tmp_path / "m", cfg, y, "client-0") is not None
+    for change in ("privacy.epsilon=1", "privacy.max_grad_norm=0.5", "privacy.noise_multiplicity=2", "privacy.epsilon=0"):
+        other = load_config("configs/fashion-silos.toml", base + ["privacy.epsilon=10", change])
+        assert _reusable(tmp_path / "m", other, y, "client-0") is None, change

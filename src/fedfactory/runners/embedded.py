@@ -79,9 +79,20 @@ def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | Non
             or m.arch != fresh.arch or m.seed != cfg["seed"]
             or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items())
             or bool(len(held)) != bool(audit) or audit.get("policy", {}) != ({k: pv[k] for k in POLICY} if audit else {})
-            or bool(fresh.dp) != ("dp" in m.privacy)):
+            or m.privacy.get("dp") != _dp_claim(fresh, len(train))):
         return None
     return m
+
+
+def _dp_claim(fresh: GenerativeModule, n: int) -> dict | None:
+    """The DP claim that the config's privacy settings would make for a site of n training images
+    (None without DP): a module trained at another epsilon, noise or clip is not reused."""
+    if fresh.dp is None:
+        return None
+    from ..privacy import dp as dpsgd
+
+    t = fresh.train_cfg
+    return dpsgd.claim(dpsgd.plan(fresh.dp, n, int(t["batch_size"]), int(t["budget_images"])))
 
 
 def _exit_with_parent(parent: int) -> None:
