@@ -1,3 +1,5 @@
+import math
+import copy
 import json
 
 import numpy as np
@@ -197,3 +199,40 @@ def test_presets_sizes():
     assert params("cpu", 28, 1) < 2_000_000
     assert 5_000_000 < params("gpu", 32, 3) < 15_000_000
     assert params("paper", 32, 3) > 30_000_000
+
+
+def test_both_samplers_solve_the_ode_of_gaussian_data():
+    """For data ~ N(0, s^2) the ideal denoiser is D(x; sigma) = x s^2 / (sigma^2 + s^2) and the ODE's
+    solution is known: x(sigma) = x(sigma_max) sqrt((sigma^2 + s^2) / (sigma_max^2 + s^2)). Both
+    samplers converge to it; at the same number of network calls DPM-Solver++(2M) is the closer."""
+    from fedfactory.modules.diffusion import SIGMA_MAX, dpm_solver_2m, heun_sampler
+
+    s, sigma_min = 0.5, 0.2
+    z = torch.randn(1000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    D = lambda x, sigma: x * s**2 / (sigma**2 + s**2)  # noqa: E731
+    x_min = z.double() * SIGMA_MAX * math.sqrt((sigma_min**2 + s**2) / (SIGMA_MAX**2 + s**2))
+    exact = D(x_min, sigma_min).float()
+
+    def err(x):
+        return float((x - exact).abs().max() / exact.abs().max())
+
+    assert err(heun_sampler(D, z, 200, sigma_min)) < 1e-3 and err(dpm_solver_2m(D, z, 100, sigma_min)) < 1e-3
+    assert err(heun_sampler(D, z, 100, sigma_min)) < err(heun_sampler(D, z, 50, sigma_min)) / 3  # 2nd order
+    assert err(dpm_solver_2m(D, z, 19, sigma_min)) < err(heun_sampler(D, z, 10, sigma_min))  # 19 calls each
+
+
+def test_the_sampler_is_a_setting_of_the_module_and_checked_on_receipt(tmp_path, toy_images):
+    from fedfactory.modules.limits import Limits
+
+    x, y = toy_images
+    m = DiffusionModule(TINY_ARCH, {**TINY_TRAIN, "sampler": "dpm2m", "sample_steps": 4}, progress=False).fit(x, y)
+    heun = copy.deepcopy(m)
+    heun.train_cfg["sampler"] = "heun"
+    assert not np.array_equal(m.sample(0, 8, seed=1), heun.sample(0, 8, seed=1))
+    m.save(tmp_path / "m")
+    assert load_module(tmp_path / "m").train_cfg["sampler"] == "dpm2m"
+    manifest = json.loads((tmp_path / "m/manifest.json").read_text())
+    manifest["training"]["sampler"] = "../../etc"
+    (tmp_path / "m/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModuleFileError, match="sampler"):
+        load_module(tmp_path / "m", limits=Limits())

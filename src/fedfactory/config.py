@@ -65,7 +65,8 @@ DEFAULTS: dict = {
         "ema_halflife_images": FromPreset(0),
         "hflip": FromPreset(False),        # random horizontal flips (mirror-symmetric data only)
         "label_dropout": FromPreset(0.0),  # > 0 trains an unconditional branch for classifier-free guidance
-        "sample_steps": FromPreset(0),     # Heun steps: 2 * steps - 1 network calls per image (diffusion)
+        "sample_steps": FromPreset(0),     # sampler steps: Heun makes 2 * steps - 1 network calls per image, dpm2m steps
+        "sampler": FromPreset(""),         # heun (EDM's 2nd order) | dpm2m (DPM-Solver++(2M): one call per step)
         "sigma_min": FromPreset(0.0),      # noise level where sampling stops and returns D(x; sigma_min)
         "guidance": FromPreset(0.0),       # classifier-free guidance weight (1 = off)
         "latent": FromPreset(0),           # cvae latent size
@@ -299,6 +300,8 @@ def validate(cfg: dict) -> None:
     for key in NON_NEGATIVE:
         if get(cfg, key, 0) < 0:
             raise FedFactoryError(f"config key {key!r} must be >= 0; got {get(cfg, key)!r}")
+    if get(cfg, "module.sampler") not in (None, "heun", "dpm2m"):
+        raise FedFactoryError(f"config key 'module.sampler' must be heun or dpm2m; got {get(cfg, 'module.sampler')!r}")
     for key, (low, high) in RANGES.items():
         if not low <= get(cfg, key) <= high:
             raise FedFactoryError(f"config key {key!r} must be in [{low:g}, {high:g}]; got {get(cfg, key)!r}")

@@ -3,6 +3,8 @@ Generative Models"): preconditioning, log-normal training noise, deterministic H
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import GenerativeModule
@@ -49,6 +51,30 @@ def heun_sampler(D, latents, steps, sigma_min=SIGMA_MIN):
     return x.float()
 
 
+def dpm_solver_2m(D, latents, steps, sigma_min=SIGMA_MIN):
+    """DPM-Solver++(2M) (Lu et al. 2022) on the same ODE and schedule: one network call per step,
+    `steps` in all, second order from the denoiser's last two outputs. In lambda = -ln(sigma):
+    x' = (s'/s) x + (1 - s'/s) D~, with D~ = (1 + 1/2r) D_i - (1/2r) D_{i-1}, r = h_{i-1} / h_i.
+    The last step, to 0, returns D~ at sigma_min, as the Heun sampler returns D(x; sigma_min)."""
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (sigma_min ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    t = t.tolist() + [0.0]
+    x, d_prev, h_prev = latents.double() * t[0], None, None
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        d = D(x, t_cur)
+        h = math.log(t_cur / t_next) if t_next > 0 else None
+        d_mix = d
+        if d_prev is not None and h is not None:  # 2nd order from the previous denoised output
+            r = h_prev / h
+            d_mix = (1 + 1 / (2 * r)) * d - 1 / (2 * r) * d_prev
+        x = (t_next / t_cur) * x + (1 - t_next / t_cur) * d_mix
+        d_prev, h_prev = d, h
+    return x.float()
+
+
+SAMPLERS = {"heun": heun_sampler, "dpm2m": dpm_solver_2m}
+
+
 class DiffusionModule(GenerativeModule):
     kind = "diffusion"
     presets = {
@@ -61,7 +87,7 @@ class DiffusionModule(GenerativeModule):
                           # Stopping at sigma 0.2 (the last step returns D(x; 0.2)) drops the spurious fine
                           # texture a small 10-step model paints below it: high-frequency energy 1.14x ->
                           # 0.96x real, synthetic-trained accuracy 0.807 -> 0.823 (benchmarks/README.md).
-                          "sample_steps": 10, "sigma_min": 0.2, "guidance": 1.0}},
+                          "sample_steps": 10, "sigma_min": 0.2, "guidance": 1.0, "sampler": "heun"}},
         # Minutes on one GPU: ~9M parameters, 2.5 GFLOP per 32 px image forward. Sized from FLOP counts
         # for about 30 s per module on one H100 (10 modules, synthesis and a ResNet-18 in ~10 minutes);
         # benchmarks/gpu_check.py measures it (docs/PROTOCOL.md).
@@ -69,14 +95,14 @@ class DiffusionModule(GenerativeModule):
                          "dropout": 0.0},
                 "train": {"budget_images": 400_000, "batch_size": 256, "lr": 2e-3, "ema_halflife_images": 50_000,
                           "warmup_images": 20_000, "label_dropout": 0.0, "hflip": False,
-                          "sample_steps": 18, "sigma_min": SIGMA_MIN, "guidance": 1.0}},
+                          "sample_steps": 18, "sigma_min": SIGMA_MIN, "guidance": 1.0, "sampler": "heun"}},
         # The paper's scale (~37M parameters at 32 px): 128 channels, 4 levels, attention at 16 and 8 px,
         # 25M images per module, 50 Heun steps (99 network calls per image). Hours per data set.
         "paper": {"arch": {"channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [16, 8],
                            "dropout": 0.1},
                   "train": {"budget_images": 25_000_000, "batch_size": 512, "lr": 1e-3, "ema_halflife_images": 500_000,
                             "warmup_images": 1_000_000, "label_dropout": 0.0, "hflip": False,
-                            "sample_steps": 50, "sigma_min": SIGMA_MIN, "guidance": 1.0}},
+                            "sample_steps": 50, "sigma_min": SIGMA_MIN, "guidance": 1.0, "sampler": "heun"}},
     }
 
     def build_network(self):
@@ -109,4 +135,5 @@ class DiffusionModule(GenerativeModule):
             return (uncond + g * (cond - uncond)).double()
 
         steps, sigma_min = int(self.train_cfg["sample_steps"]), float(self.train_cfg["sigma_min"])
-        return heun_sampler(D, latents, steps, sigma_min).clamp(-1, 1)
+        sampler = SAMPLERS[self.train_cfg.get("sampler", "heun")]  # a module saved before 0.3 has none: Heun
+        return sampler(D, latents, steps, sigma_min).clamp(-1, 1)

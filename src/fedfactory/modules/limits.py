@@ -82,6 +82,7 @@ def check_declared(manifest: dict, arch_keys, lim: Limits, where: str) -> None:
         "sample_steps": lambda v: _is_int(v) and 1 <= v <= 1000,
         "sigma_min": lambda v: number(v) and 0 < v < 80,
         "guidance": lambda v: number(v) and 0 <= v <= 100,
+        "sampler": lambda v: v in ("heun", "dpm2m"),
         "seed": _is_int,
     }
     for k, ok in sampling.items():
