@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from fedfactory.config import load_config
 from fedfactory.modules import base
 from fedfactory.runners import embedded
-from fedfactory.runners.embedded import ClientProgress, prepare_data, train_modules
+from fedfactory.progress import ClientProgress
+from fedfactory.runners.embedded import prepare_data, train_modules
 from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
 from test_modules import tiny
 

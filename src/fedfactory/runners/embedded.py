@@ -10,9 +10,7 @@ It only orchestrates: the sites and the server are the same code that `fedfactor
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
-import queue
 import threading
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from ..runtime import classifier_kw, setup_runtime, site_split
 from ..factory import SyntheticSet
 from ..server import build, evaluation_split, start_run, synthesize_all
 from ..privacy.audit import holdout_split
+from ..progress import ClientProgress
 from ..quality import train_reference
 from ..site import POLICY, check_upload, new_module, save_audit_report, train_expert, train_module
 from ..utils import derive_seed
@@ -121,60 +120,6 @@ def _train_in_worker(cfg: dict, cid: str, path: str, news=None) -> dict:
 def audit_dir(run_dir: Path, cid: str) -> Path:
     """Where a simulated site keeps its own audit report: beside the modules, never inside one."""
     return run_dir / "site-audits" / cid
-
-
-class ClientProgress:
-    """The parallel path's display: a bar per client in training (steps, img/s, its ETA), fed by the
-    workers' news, and the ETA of the phase's training on the clients bar."""
-
-    def __init__(self, bar: tqdm, news, clients: int, workers: int):
-        self.bar, self.news, self.clients, self.workers = bar, news, clients, workers
-        self.state, self.bars = {}, {}  # client -> latest (step, steps, seconds); client -> its bar
-        bar.bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's own ETA: clients/s, useless here
-
-    def poll(self, timeout: float = 0.5) -> None:
-        """Show the news that arrives within `timeout` seconds."""
-        try:
-            item = self.news.get(timeout=timeout)
-            while True:
-                self.show(*item)
-                item = self.news.get_nowait()
-        except queue.Empty:
-            pass
-        eta = self.eta()
-        if eta is not None:
-            self.bar.set_postfix_str(f"ETA {tqdm.format_interval(eta)}")
-
-    def show(self, cid: str, step: int, steps: int, seen: int, seconds: float) -> None:
-        self.state[cid] = (step, steps, seconds)
-        b = self.bars.get(cid)
-        if b is None and step < steps:  # tqdm places it on the first free line below the clients bar
-            b = self.bars[cid] = tqdm(total=steps, desc=f"  {cid}", unit="step", leave=False, dynamic_ncols=True)
-        if b is None:
-            return
-        if step >= steps:  # trained (its audit and upload follow): its line goes
-            b.close()
-            return
-        # the worker's clock, not the bar's: tqdm's rate (steps/s) and ETA are then step / seconds
-        b.n, b.start_t = step, time.time() - seconds
-        b.set_postfix_str(f"{seen / max(seconds, 1e-9):.0f} img/s")
-
-    def eta(self) -> float | None:
-        """Seconds of training left: the running clients' own ETAs, then each client not heard from yet
-        taking as long as the mean client so far, on the first worker free."""
-        if not self.state:
-            return None
-        totals = [steps * sec / max(step, 1) for step, steps, sec in self.state.values()]
-        free = sorted(t - sec for t, (step, steps, sec) in zip(totals, self.state.values()) if step < steps)
-        free = free[:self.workers] + [0.0] * max(0, self.workers - len(free))
-        heapq.heapify(free)
-        for _ in range(self.clients - len(self.state)):
-            heapq.heapreplace(free, free[0] + sum(totals) / len(totals))
-        return max(free)
-
-    def close(self) -> None:
-        for b in self.bars.values():
-            b.close()
 
 
 def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
