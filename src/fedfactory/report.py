@@ -108,7 +108,7 @@ def privacy_table(modules: list[dict]) -> list[str]:
     return lines
 
 
-def quality_table(quality: dict, class_names: list[str]) -> list[str]:
+def quality_table(quality: dict, class_names: list[str], accuracy: float) -> list[str]:
     """Each module's samples against the real test images of its class (quality.py), or why not measured."""
     lines = ["## Module quality (synthetic against real test images, per module and class)", ""]
     if "modules" not in quality:
@@ -126,7 +126,10 @@ def quality_table(quality: dict, class_names: list[str]) -> list[str]:
                     f"closer; in this feature space, not comparable with published FIDs). Precision: share of "
                     f"synthetic images inside the real images' {quality['k']}-NN manifold (fidelity); recall: the "
                     "converse (diversity); density and coverage: their outlier-robust versions (Naeem et al. 2020). "
-                    "A module far above the others in FD, or low in precision or coverage, is a weak site.", ""]
+                    "A module far above the others in FD, or low in precision or coverage, is a weak site.", ""] + (
+        [f"The reference is the run's classifier recipe and budget on the sites' real images, i.e. centralized "
+         f"training: this run's accuracy is **{accuracy / max(ref['test_accuracy'], 1e-12):.3f}x** of it.", ""]
+        if ref.get("centralized") else [])
 
 
 def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
@@ -161,7 +164,7 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
     lines += ["", *privacy_table(results["modules"])]
     if "quality" in results:
-        lines += quality_table(results["quality"], class_names)
+        lines += quality_table(results["quality"], class_names, m["accuracy"])
     lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
     lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:", "",
