@@ -10,6 +10,7 @@ import pytest
 from conftest import FASHION, needs_fashion
 from fedfactory.cli import main
 from fedfactory.config import load_config
+from fedfactory.runtime import setup_runtime
 from fedfactory.errors import FedFactoryError
 from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.privacy.audit import closer_to_train_test, holdout_split
@@ -122,6 +123,7 @@ def test_a_cpu_preset_module_on_thousands_of_images_passes():
     keep = ds.y_train == 8  # bags: one site, 6,000 images, the CPU preset's 36,000-image budget
     cfg = load_config("configs/fashion-silos.toml", ["runtime.parallel_clients=1", "runtime.progress=false",
                                                      "privacy.audit_samples=100"])
+    setup_runtime(cfg)  # all the cores: an earlier test may have left torch at one thread (twice the time)
     module = train_module(cfg, "client-8", ds.x_train[keep], ds.y_train[keep])
     audit = module.privacy["audit"]
     assert audit["passed"], audit["reasons"]

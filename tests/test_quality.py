@@ -119,7 +119,7 @@ def test_module_quality_flags_the_worse_module():
         assert good["precision"] - noise["precision"] > 0.5
         assert good["density"] > noise["density"] and good["coverage"] > noise["coverage"]
         assert tiny["fid"] is None and tiny["synthetic"] == 3 and "reason" in tiny
-        assert all(isinstance(good[m], float) and round(good[m], 4) == good[m] for m in ("fid", "precision"))
+        assert all(isinstance(good[m], float) and float(f"{good[m]:.4g}") == good[m] for m in ("fid", "precision"))
     assert module_quality(net, synth_x, synth_y, sources, test_x, test_y, **kw) == rep  # deterministic
     # A class with no real test images: None metrics, no crash.
     none = module_quality(net, synth_x, synth_y, sources, test_x[:60], test_y[:60], **kw)

@@ -145,8 +145,9 @@ def test_local_mode_without_an_expert_drops_it_or_fails_and_never_trains_at_the_
         run(load_config("configs/fashion-silos.toml", base), tmp_path / "strict")
     res = run(load_config("configs/fashion-silos.toml", base + ["classifier.missing_experts=drop"]), tmp_path / "drop")
     assert sorted(res["classifier"]) == ["client-0", "client-2", "client-3"]
+    # beside the experts only the quality report's reference, which the simulation (not the server) trains
     assert sorted(p.name for p in (tmp_path / "drop/classifiers").iterdir()) == \
-        ["client-0.safetensors", "client-2.safetensors", "client-3.safetensors"]
+        ["client-0.safetensors", "client-2.safetensors", "client-3.safetensors", "reference.safetensors"]
     assert res["metrics"]["accuracy"] > 0.25  # the other three experts still cover every class
 
 
