@@ -34,13 +34,18 @@ def edm_loss(net, y, labels, gen):
     return (weight.reshape(-1, 1, 1, 1) * (d - y) ** 2).mean()
 
 
+def edm_schedule(steps: int, sigma_min: float) -> list[float]:
+    """EDM's noise levels (eq. 5) from SIGMA_MAX to sigma_min, then 0: plain floats, so that stepping
+    through them never waits on a GPU."""
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (sigma_min ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    return t.tolist() + [0.0]
+
+
 def heun_sampler(D, latents, steps, sigma_min=SIGMA_MIN):
     """Deterministic 2nd-order Heun sampler (EDM Algorithm 1, S_churn = 0): 2 * steps - 1 calls.
     The last step, from sigma_min to 0, is Euler: it returns D(x; sigma_min)."""
-    # The schedule is plain floats, so that stepping through it never waits on a GPU.
-    i = torch.arange(steps, dtype=torch.float64)
-    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (sigma_min ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-    t = t.tolist() + [0.0]  # t_N = 0
+    t = edm_schedule(steps, sigma_min)
     x = latents.double() * t[0]
     for t_cur, t_next in zip(t[:-1], t[1:]):
         d = (x - D(x, t_cur)) / t_cur
@@ -56,9 +61,7 @@ def dpm_solver_2m(D, latents, steps, sigma_min=SIGMA_MIN):
     `steps` in all, second order from the denoiser's last two outputs. In lambda = -ln(sigma):
     x' = (s'/s) x + (1 - s'/s) D~, with D~ = (1 + 1/2r) D_i - (1/2r) D_{i-1}, r = h_{i-1} / h_i.
     The last step, to 0, returns D~ at sigma_min, as the Heun sampler returns D(x; sigma_min)."""
-    i = torch.arange(steps, dtype=torch.float64)
-    t = (SIGMA_MAX ** (1 / RHO) + i / max(steps - 1, 1) * (sigma_min ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-    t = t.tolist() + [0.0]
+    t = edm_schedule(steps, sigma_min)
     x, d_prev, h_prev = latents.double() * t[0], None, None
     for t_cur, t_next in zip(t[:-1], t[1:]):
         d = D(x, t_cur)
