@@ -25,6 +25,7 @@ from fedfactory.classify import predict_log_proba, train_classifier
 from fedfactory.config import load_config
 from fedfactory.evaluate import evaluate
 from fedfactory.modules import load_module
+from fedfactory.modules.diffusion import SAMPLERS
 from fedfactory.runners.embedded import prepare_data
 from fedfactory.runtime import classifier_kw, setup_runtime
 from fedfactory.server import evaluation_split, synthesize_all
@@ -34,11 +35,11 @@ from fedfactory.utils import atomic_write_json
 def parse_variant(text: str) -> tuple[str, int, int]:
     try:
         sampler, steps, per_class = text.split(":")
-        if sampler not in ("heun", "dpm2m"):
+        if sampler not in SAMPLERS:
             raise ValueError
         return sampler, int(steps), int(per_class)
     except ValueError:
-        sys.exit(f"--variant {text!r}: expected SAMPLER:STEPS:PER_CLASS with SAMPLER heun or dpm2m, e.g. dpm2m:10:2000")
+        sys.exit(f"--variant {text!r}: expected SAMPLER:STEPS:PER_CLASS with SAMPLER one of {sorted(SAMPLERS)}, e.g. dpm2m:10:2000")
 
 
 def main(argv=None) -> int:
