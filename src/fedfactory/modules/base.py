@@ -92,6 +92,8 @@ class GenerativeModule(ABC):
     kind: str = ""
     # Per-kind defaults: `arch` (network shape) and `train` (budget, batch, lr, ...).
     presets: dict[str, dict] = {}
+    # `train` keys that only decide how a trained network is sampled: changing them needs no retraining.
+    sampling_keys: tuple[str, ...] = ()
 
     def __init__(self, arch: dict | None = None, train: dict | None = None, client_id: str = "client",
                  seed: int = 0, preset: str = "cpu", device: str = "auto", bf16: str = "auto",

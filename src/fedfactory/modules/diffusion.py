@@ -80,6 +80,7 @@ SAMPLERS = {"heun": heun_sampler, "dpm2m": dpm_solver_2m}
 
 class DiffusionModule(GenerativeModule):
     kind = "diffusion"
+    sampling_keys = ("sample_steps", "sampler", "sigma_min", "guidance")
     presets = {
         # ~0.9M parameters at 28 px. On 2 CPU cores with bf16 this trains at ~330 img/s, where
         # 32 base channels would run at 240 img/s: full-resolution convolutions dominate the cost.

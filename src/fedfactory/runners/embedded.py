@@ -73,13 +73,19 @@ def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | Non
     train, held = holdout_split(labels, pv["holdout"], cfg["seed"], cid)
     classes, counts = (v.tolist() for v in np.unique(labels[train], return_counts=True))
     fresh = new_module(cfg, cid)
-    audit = m.privacy.get("audit", {})
+    audit, sampling = m.privacy.get("audit", {}), set(m.sampling_keys)
     if (m.kind != cfg["module"]["kind"] or m.classes != classes or m.counts != counts
             or m.arch != fresh.arch or m.seed != cfg["seed"]
-            or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items())
+            or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items() if k not in sampling)
             or bool(len(held)) != bool(audit) or audit.get("policy", {}) != ({k: pv[k] for k in POLICY} if audit else {})
             or m.privacy.get("dp") != _dp_claim(fresh, len(train))):
         return None
+    if any(m.train_cfg.get(k) != fresh.train_cfg[k] for k in sampling):
+        # Only how it is sampled changed (module.sampler, sample_steps, ...): no retraining. Saved again
+        # so that what reloads it (unlearn, a server build) samples it as this run does; the weights, and
+        # so the registry's hash, are unchanged. Its audit stays the one measured with the old sampler.
+        m.train_cfg.update({k: fresh.train_cfg[k] for k in sampling})
+        m.save(path)
     return m
 
 
