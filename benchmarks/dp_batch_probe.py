@@ -45,10 +45,10 @@ def parse_variant(text: str) -> tuple[int, float]:
         sys.exit(f"--variant {text!r}: expected BATCH:LR, e.g. 256:0.004")
 
 
-def measure(module, cls: int, n: int, reference, test, kw: dict, seed: int) -> dict:
+def measure(module, cls: int, n: int, reference, real, kw: dict, seed: int) -> dict:
+    """A module's n samples of class cls against `real`, the reference's features of the real test images."""
     images = module.sample(cls, n, seed)
     recognized = float((predict_log_proba(reference, images, kw["device"], kw["bf16"]).argmax(1) == cls).mean())
-    real = features(reference, test.images[test.labels == cls], kw["device"], kw["bf16"])
     return {"recognized": round(recognized, 4),
             **compare(real, features(reference, images, kw["device"], kw["bf16"]))}
 
@@ -76,11 +76,12 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     reference, _ = train_reference(cfg, ds.x_train, ds.y_train, test.num_classes, kw)
     print(f"reference classifier: {time.perf_counter() - t:.0f} s", flush=True)
+    real = features(reference, test.images[test.labels == cls], kw["device"], kw["bf16"])  # once for every row
     rows = []
     for path in args.module:
         m = load_module(path, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
         rows.append({"module": path, "dp": m.privacy.get("dp"),
-                     **measure(m, cls, args.samples, reference, test, kw, cfg["seed"])})
+                     **measure(m, cls, args.samples, reference, real, kw, cfg["seed"])})
         print(json.dumps(rows[-1]), flush=True)
     for batch, lr in args.variant:
         vcfg = {**cfg, "module": {**cfg["module"], "batch_size": batch, "lr": lr}}
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         dp = m.privacy.get("dp") or {}
         rows.append({"batch": batch, "lr": lr, "train_seconds": round(seconds, 1),
                      "noise_multiplier": dp.get("noise_multiplier"), "epsilon": dp.get("epsilon"), "steps": dp.get("steps"),
-                     **measure(m, cls, args.samples, reference, test, kw, cfg["seed"])})
+                     **measure(m, cls, args.samples, reference, real, kw, cfg["seed"])})
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(Path(args.out), {"config": args.config, "client": args.client, "class": cls,
                                        "set": args.set, "rows": rows})
