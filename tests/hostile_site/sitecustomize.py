@@ -29,3 +29,12 @@ if ATTACK:
         return honest(blob, manifest)
 
     client_app.module_content = hostile
+
+    if os.environ.get("FEDFACTORY_MARK"):  # tells a test (by an empty file) that this site has begun training
+        honest_train = client_app.train_module
+
+        def marked_train(*args, **kwargs):
+            open(os.environ["FEDFACTORY_MARK"], "w").close()
+            return honest_train(*args, **kwargs)
+
+        client_app.train_module = marked_train
