@@ -1,4 +1,5 @@
-"""benchmarks/synthesis_levers.py on a toy run (its measurement: the command in benchmarks/README.md)."""
+"""benchmarks/synthesis_levers.py and classifier_levers.py on one toy run (their measurements: the
+commands in benchmarks/README.md)."""
 
 import importlib.util
 import json
@@ -10,14 +11,27 @@ from fedfactory.config import load_config
 from fedfactory.runners.embedded import run
 from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
 
-_spec = importlib.util.spec_from_file_location("levers", Path(__file__).parents[1] / "benchmarks" / "synthesis_levers.py")
-levers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(levers)
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_the_run_s_own_settings_reproduce_its_result_and_other_variants_differ(digits_npz, tmp_path):  # noqa: F811
-    res = run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), tmp_path / "run")
-    assert levers.main(["--run", str(tmp_path / "run"), "--variant", "heun:3:40", "--variant", "dpm2m:3:20",
+levers, classifier_levers = _script("synthesis_levers"), _script("classifier_levers")
+
+
+@pytest.fixture(scope="module")
+def toy_run(digits_npz, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("levers") / "run"
+    return out, run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), out)
+
+
+def test_the_run_s_own_settings_reproduce_its_result_and_other_variants_differ(toy_run, tmp_path):
+    out, res = toy_run
+    # the shipped config samples with DPM-Solver++(2M); the toy run takes 3 steps
+    assert levers.main(["--run", str(out), "--variant", "dpm2m:3:40", "--variant", "heun:3:20",
                         "--out", str(tmp_path / "levers.json")]) == 0
     own, other = json.loads((tmp_path / "levers.json").read_text())["variants"]
     assert own["synthetic_sha256"] == res["synthetic"]["sha256"] and own["accuracy"] == res["metrics"]["accuracy"]
@@ -25,6 +39,20 @@ def test_the_run_s_own_settings_reproduce_its_result_and_other_variants_differ(d
     assert other["synthesis_seconds"] > 0 and 0 <= other["accuracy"] <= 1
 
 
-def test_a_malformed_variant_is_a_clear_error():
+def test_the_classifier_levers_reuse_the_kept_set_and_base_is_the_run(toy_run, tmp_path):
+    out, res = toy_run
+    assert classifier_levers.main(["--run", str(out), "--variant", "base", "--variant", "mixup=0.4,label_smoothing=0.1",
+                                   "--out", str(tmp_path / "clf.json")]) == 0
+    report = json.loads((tmp_path / "clf.json").read_text())
+    assert report["synthetic_sha256"] == res["synthetic"]["sha256"]  # the run's own synthetic images
+    base, other = report["variants"]
+    assert base["variant"] == "base" and base["accuracy"] == res["metrics"]["accuracy"]
+    assert other["variant"] == "classifier.mixup=0.4,classifier.label_smoothing=0.1"
+    assert other["final_loss"] != base["final_loss"] and 0 <= other["accuracy"] <= 1
+
+
+def test_malformed_variants_are_clear_errors():
     with pytest.raises(SystemExit, match="SAMPLER:STEPS:PER_CLASS"):
         levers.parse_variant("euler:10")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        classifier_levers.parse_variant("mixup")

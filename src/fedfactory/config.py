@@ -88,6 +88,9 @@ DEFAULTS: dict = {
         "weight_decay": 5e-4,
         "augment": "auto",      # auto (by data set) | natural | dihedral | none
         "blur": 0.0,            # random Gaussian blur, sigma ~ U(0, blur) px (0 = off): against generator artifacts
+        "label_smoothing": 0.0,  # target mass spread uniformly over the classes (0 = off)
+        "mixup": 0.0,           # mixup's Beta(a, a) parameter (0 = off)
+        "ema_halflife_images": 0,  # the returned network is an EMA of the weights with this half-life (0 = off)
         "missing_experts": "error",  # local mode, a site sent no expert: error | drop (Product of the others)
     },
     "federation": {              # what the server accepts from peers, and what it does when one fails
@@ -266,7 +269,7 @@ RANGES = {"privacy.holdout": (0.0, 0.5), "privacy.max_copy_rate": (0.0, 1.0), "p
           "privacy.max_mia_auc": (0.5, 1.0), "privacy.significance": (1e-12, 0.5), "privacy.epsilon": (0.0, 1e6),
           "privacy.noise_multiplier": (0.0, 1e3), "privacy.delta": (0.0, 0.5), "privacy.max_grad_norm": (1e-9, 1e9),
           "privacy.noise_multiplicity": (1, 64), "privacy.audit_samples": (1, 100_000),
-          "quality.reference_budget": (0, 10**10), "quality.max_images": (10, 10**6), "quality.k": (1, 100)}
+          "quality.reference_budget": (0, 10**10), "classifier.label_smoothing": (0.0, 0.5), "quality.max_images": (10, 10**6), "quality.k": (1, 100)}
 POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.max_resolution",
             "federation.max_count", "federation.max_module_bytes", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
@@ -274,7 +277,7 @@ POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.
 POSITIVE_IF_SET = ("module.channels", "module.num_blocks", "module.budget_images", "module.batch_size", "module.lr",
                    "module.sample_steps", "module.guidance", "module.latent")
 NON_NEGATIVE = ("runtime.parallel_clients", "module.ema_halflife_images", "module.warmup_images", "module.sigma_min", "module.dropout",
-                "module.label_dropout", "classifier.blur")
+                "module.label_dropout", "classifier.blur", "classifier.mixup", "classifier.ema_halflife_images")
 
 
 def get(cfg: dict, key: str, default=None):

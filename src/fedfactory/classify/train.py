@@ -26,16 +26,21 @@ def build_classifier(in_channels: int, num_classes: int, preset: str = "cpu", wi
     return ResNet(in_channels, num_classes, width=width or p["width"], blocks=p["blocks"])
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy through gather: F.cross_entropy's CUDA kernels accumulate with atomics
-    (no deterministic mode); this gives the same bits on CPU and is deterministic on a GPU."""
-    return -F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).mean()
+    (no deterministic mode); this gives the same bits on CPU and is deterministic on a GPU.
+    smoothing: the target puts that much mass uniformly over all classes (label smoothing)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    nll = -logp.gather(1, labels[:, None]).mean()
+    return nll if smoothing == 0 else (1 - smoothing) * nll - smoothing * logp.mean()
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, seed: int, name: str,
                      augment_policy: str = "natural", device: torch.device | str = "cpu", bf16: bool = False,
                      progress: bool = True) -> tuple[ResNet, dict]:
     """Train from scratch for cfg['budget_images'] images; batches are drawn class-balanced.
+    Optional (cfg): label smoothing, mixup (Beta(a, a) weights), an EMA of the weights and BatchNorm
+    statistics (half-life in images), which is the network returned.
 
     Returns the network (in eval mode) and its training stats.
     """
@@ -62,6 +67,13 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     cdf /= cdf[-1]
     rng = np.random.default_rng(derive_seed(seed, "classifier", name, "batches"))
     gen = torch.Generator(device).manual_seed(derive_seed(seed, "classifier", name, "augment"))
+    smoothing, mixup = float(cfg.get("label_smoothing", 0.0)), float(cfg.get("mixup", 0.0))
+    mix_rng = np.random.default_rng(derive_seed(seed, "classifier", name, "mixup"))
+    ema = None
+    if cfg.get("ema_halflife_images", 0) > 0:
+        decay = 0.5 ** (batch / cfg["ema_halflife_images"])
+        ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+                                                  use_buffers=True)
     # uint8 on the device, converted per batch; indices drawn a block of steps at a time.
     pixels = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     y_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
@@ -75,13 +87,21 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     t0, loss_avg = time.perf_counter(), None
     bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=not progress, leave=False, dynamic_ncols=True)
     for step, idx in zip(bar, batches()):
-        x = augment(to_model(pixels[idx]), augment_policy, gen, cfg["blur"])
+        x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg["blur"]), y_all[idx]
+        lam = float(mix_rng.beta(mixup, mixup)) if mixup > 0 else 1.0
+        if lam < 1.0:  # mixup: each image blended with the batch's reversed order, the loss with it
+            x = lam * x + (1 - lam) * x.flip(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = cross_entropy(net(x), y_all[idx])
+            logits = net(x)
+            loss = cross_entropy(logits, y, smoothing)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * cross_entropy(logits, y.flip(0), smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(net)
         loss = loss.detach().double()  # a running mean on the device: read (a host sync) only for the bar
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
         if progress and step % 20 == 0:
@@ -89,6 +109,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     bar.close()
     final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
     wall = time.perf_counter() - t0
+    if ema is not None:
+        net = ema.module
     return net.eval(), {"train_seconds": round(wall, 2), "images_seen": steps * batch,
                         "images_per_s": round(steps * batch / wall, 1), "final_loss": round(final_loss, 4)}
 

@@ -1,0 +1,69 @@
+"""The classifier's recipe options: label smoothing, mixup and an EMA of the weights. Off, they leave
+training bit for bit as it was; on, each does what it says, and a seed still repeats."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedfactory.classify import train_classifier
+from fedfactory.classify.train import cross_entropy
+from fedfactory.config import load_config
+from fedfactory.errors import FedFactoryError
+
+BASE = {"preset": "cpu", "width": 8, "budget_images": 16 * 12, "batch_size": 16, "optimizer": "sgd", "lr": 0.05,
+        "weight_decay": 5e-4, "blur": 0.0}
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (48, 12, 12, 1), dtype=np.uint8), np.arange(48) % 3
+
+
+def weights(net) -> dict:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def fit(data, **options) -> dict:
+    net, _ = train_classifier(*data, 3, {**BASE, **options}, 0, "t", progress=False)
+    return weights(net)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_label_smoothing_is_torch_s_definition():
+    logits, labels = torch.randn(32, 5, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 5
+    assert torch.allclose(cross_entropy(logits, labels, 0.1), F.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert torch.equal(cross_entropy(logits, labels), cross_entropy(logits, labels, 0.0))
+
+
+def test_options_off_change_nothing_and_on_repeat_with_the_seed(data):
+    plain = fit(data)
+    assert same(plain, fit(data, label_smoothing=0.0, mixup=0.0, ema_halflife_images=0))
+    for option in ({"label_smoothing": 0.1}, {"mixup": 0.4}, {"ema_halflife_images": 64}):
+        once = fit(data, **option)
+        assert not same(once, plain), option
+        assert same(once, fit(data, **option)), option
+
+
+def test_the_ema_averages_weights_and_batchnorm_statistics(data):
+    plain = fit(data)
+    short = fit(data, ema_halflife_images=0.01)   # decay ~0: the EMA is the last weights
+    long = fit(data, ema_halflife_images=1e9)     # decay ~1: the EMA stays at the initial weights
+    init = weights(train_classifier(*data, 3, {**BASE, "budget_images": 1, "lr": 1e-30}, 0, "t", progress=False)[0])
+    for k, v in plain.items():
+        if v.is_floating_point():
+            assert torch.allclose(short[k], v, atol=1e-5), k
+    running = [k for k in plain if k.endswith("running_mean")]
+    assert running and all(torch.allclose(long[k], init[k], atol=1e-3) for k in running)
+    assert not all(torch.allclose(plain[k], init[k], atol=1e-3) for k in running)
+
+
+@pytest.mark.parametrize("setting", ["classifier.label_smoothing=0.7", "classifier.mixup=-1",
+                                     "classifier.ema_halflife_images=-5"])
+def test_out_of_range_options_are_clear_errors(setting):
+    with pytest.raises(FedFactoryError, match=setting.split("=")[0]):
+        load_config("configs/fashion-silos.toml", [setting])
