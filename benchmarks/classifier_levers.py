@@ -1,7 +1,7 @@
 """Benchmark: the classifier's recipe on a finished run's synthetic set (issue 15).
 
-Takes the synthetic images a run kept (RUN/synthetic, verified by hash; nothing is sampled or trained
-again but the classifier) and, for each variant, trains the run's classifier with the variant's
+Takes the synthetic images a run kept (RUN/synthetic, verified by hash; a run that kept none has them
+sampled again, which gives the same images) and, for each variant, trains the run's classifier with the variant's
 settings over the run's own, then evaluates it on the test set. `base` is the run's own recipe: it
 must reproduce the run's accuracy bit for bit (a check that the harness is faithful).
 
@@ -45,15 +45,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="where to write the JSON (default RUN/classifier_levers.json)")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
-    if not (run_dir / "synthetic").is_dir():
-        sys.exit(f"{run_dir} kept no synthetic set (factory.keep_shards): run synthesis_levers.py instead")
     cfg = load_config(run_dir / "config.toml", [])
+    kept = (run_dir / "synthetic").is_dir()
+    if not kept:  # an older run: its set is sampled again (deterministic, so the same), and not stored there
+        print(f"{run_dir} kept no synthetic set: sampling it again", file=sys.stderr)
+        cfg["factory"]["keep_shards"] = False
     setup_runtime(cfg)
     ds, _ = prepare_data(cfg)
     test = evaluation_split(cfg, ds)
     modules = sorted((load_module(p, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
                       for p in sorted((run_dir / "modules").iterdir()) if p.is_dir()), key=lambda m: m.client_id)
-    synth = synthesize_all(cfg, modules, test.num_classes, test.class_names, run_dir)  # the kept draws
+    synth = synthesize_all(cfg, modules, test.num_classes, test.class_names, run_dir if kept else None)
     rows = []
     for overrides in args.variant:
         vcfg = load_config(run_dir / "config.toml", overrides)

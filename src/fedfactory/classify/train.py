@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -69,11 +70,11 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     gen = torch.Generator(device).manual_seed(derive_seed(seed, "classifier", name, "augment"))
     smoothing, mixup = float(cfg.get("label_smoothing", 0.0)), float(cfg.get("mixup", 0.0))
     mix_rng = np.random.default_rng(derive_seed(seed, "classifier", name, "mixup"))
-    ema = None
-    if cfg.get("ema_halflife_images", 0) > 0:
-        decay = 0.5 ** (batch / cfg["ema_halflife_images"])
-        ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
-                                                  use_buffers=True)
+    halflife = float(cfg.get("ema_halflife_images", 0))
+    ema = copy.deepcopy(net).requires_grad_(False) if halflife > 0 else None
+    if ema is not None:  # the weights and the BatchNorm statistics, averaged alike
+        ema_tensors = [*ema.parameters(), *(b for b in ema.buffers() if b.is_floating_point())]
+        net_tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
     # uint8 on the device, converted per batch; indices drawn a block of steps at a time.
     pixels = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     y_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
@@ -90,7 +91,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
         x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg["blur"]), y_all[idx]
         lam = float(mix_rng.beta(mixup, mixup)) if mixup > 0 else 1.0
         if lam < 1.0:  # mixup: each image blended with the batch's reversed order, the loss with it
-            x = lam * x + (1 - lam) * x.flip(0)
+            # written in x's own strides: augment's are channels-last, whose convolutions run ~1.4x faster here
+            x = torch.add(lam * x, (1 - lam) * x.flip(0), out=torch.empty_like(x))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = net(x)
             loss = cross_entropy(logits, y, smoothing)
@@ -100,8 +102,10 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
         loss.backward()
         opt.step()
         sched.step()
-        if ema is not None:
-            ema.update_parameters(net)
+        if ema is not None:  # ramped up as the modules' EMA (EDM's): a short run still averages what it learned
+            beta = 0.5 ** (batch / min(halflife, 0.1 * (step + 1) * batch))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_tensors, net_tensors, 1.0 - beta)
         loss = loss.detach().double()  # a running mean on the device: read (a host sync) only for the bar
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
         if progress and step % 20 == 0:
@@ -110,7 +114,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
     wall = time.perf_counter() - t0
     if ema is not None:
-        net = ema.module
+        net = ema
     return net.eval(), {"train_seconds": round(wall, 2), "images_seen": steps * batch,
                         "images_per_s": round(steps * batch / wall, 1), "final_loss": round(final_loss, 4)}
 
