@@ -83,14 +83,14 @@ def test_resume_reuses_verified_modules_and_refuses_to_overwrite(digits_npz, tmp
     assert [a["client"] for a in adds if a["event"] == "add"][4:] == ["client-1"]
     assert second["metrics"] == first["metrics"]
     assert [m["sha256"] for m in second["modules"]] == [m["sha256"] for m in first["modules"]]
-    # another sampler needs no retraining: the modules are reused (and saved with it), and the result
+    # another sampler (the config's is dpm2m) needs no retraining: the modules are reused (and saved with it), and the result
     # is a fresh run's with that sampler
-    sampler = toy_overrides(digits_npz) + ["module.sampler='dpm2m'"]
+    sampler = toy_overrides(digits_npz) + ["module.sampler='heun'"]
     third = run(load_config("configs/fashion-silos.toml", sampler), out, resume=True)
     adds = [json.loads(l) for l in (out / "audit.jsonl").read_text().splitlines()]
     assert [a["client"] for a in adds if a["event"] == "add"][4:] == ["client-1"]
     assert [m["sha256"] for m in third["modules"]] == [m["sha256"] for m in first["modules"]]
-    assert load_module(out / "modules" / "client-0").train_cfg["sampler"] == "dpm2m"
+    assert load_module(out / "modules" / "client-0").train_cfg["sampler"] == "heun"
     fresh = run(load_config("configs/fashion-silos.toml", sampler), tmp_path / "fresh")
     assert third["synthetic"]["sha256"] == fresh["synthetic"]["sha256"] != first["synthetic"]["sha256"]
     assert third["metrics"] == fresh["metrics"]
