@@ -248,3 +248,18 @@ def test_resume_reuses_a_dp_module_only_under_the_same_privacy_settings(tmp_path
     for change in ("privacy.epsilon=1", "privacy.max_grad_norm=0.5", "privacy.noise_multiplicity=2", "privacy.epsilon=0"):
         other = load_config("configs/fashion-silos.toml", base + ["privacy.epsilon=10", change])
         assert _reusable(tmp_path / "m", other, y, "client-0") is None, change
+
+
+def test_dp_takes_the_presets_dp_recipe_unless_the_config_sets_a_key():
+    from fedfactory.config import load_config
+    from fedfactory.site import new_module
+
+    dp_train = DiffusionModule.presets["cpu"]["dp_train"]
+    plain = new_module(load_config("configs/fashion-silos.toml", []), "client-0").train_cfg
+    private = new_module(load_config("configs/fashion-silos.toml", ["privacy.epsilon=10"]), "client-0").train_cfg
+    assert all(plain[k] != v for k, v in dp_train.items())  # the recipe is DP's alone
+    assert {k: private[k] for k in dp_train} == dp_train
+    assert {k: v for k, v in private.items() if k not in dp_train} == {k: v for k, v in plain.items() if k not in dp_train}
+    mine = new_module(load_config("configs/fashion-silos.toml", ["privacy.epsilon=10", "module.batch_size=32"]),
+                      "client-0").train_cfg
+    assert mine["batch_size"] == 32 and mine["lr"] == dp_train["lr"]

@@ -90,7 +90,8 @@ def use_bf16(device: torch.device, setting: str = "auto") -> bool:
 
 class GenerativeModule(ABC):
     kind: str = ""
-    # Per-kind defaults: `arch` (network shape) and `train` (budget, batch, lr, ...).
+    # Per-kind defaults: `arch` (network shape), `train` (budget, batch, lr, ...) and optionally
+    # `dp_train`, the `train` values that replace them under DP-SGD (a key the config sets wins).
     presets: dict[str, dict] = {}
     # `train` keys that only decide how a trained network is sampled: changing them needs no retraining.
     sampling_keys: tuple[str, ...] = ()
@@ -102,7 +103,7 @@ class GenerativeModule(ABC):
             raise FedFactoryError(f"{self.kind}: unknown preset {preset!r}; use one of {', '.join(self.presets)}")
         preset = self.presets[preset]
         self.arch = {**preset["arch"], **(arch or {})}
-        self.train_cfg = {**preset["train"], **(train or {})}
+        self.train_cfg = {**preset["train"], **(preset.get("dp_train", {}) if dp else {}), **(train or {})}
         self.client_id, self.seed = client_id, int(seed)
         self.device = resolve_device(device)
         self.bf16 = use_bf16(self.device, bf16)
