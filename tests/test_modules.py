@@ -10,7 +10,7 @@ from fedfactory.errors import FedFactoryError
 from fedfactory.modules import base
 from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.modules.cvae import CVAEModule
-from fedfactory.modules.diffusion import DiffusionModule, heun_sampler
+from fedfactory.modules.diffusion import DiffusionModule, edm_loss, heun_sampler
 
 TINY_ARCH = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1}
 TINY_TRAIN = {"budget_images": 64, "batch_size": 16, "sample_steps": 3}
@@ -188,6 +188,20 @@ def test_heun_sampler_stops_at_sigma_min_with_the_denoised_image():
     exact = 80 * s**2 / ((s**2 + sigma_min**2) ** 0.5 * (s**2 + 80**2) ** 0.5)
     assert abs(out - exact) < 1e-3
     assert len(calls) == 2 * 200 - 1 and min(calls) == pytest.approx(sigma_min) and max(calls) == pytest.approx(80)
+
+
+@pytest.mark.parametrize("p_mean, p_std", [(-1.2, 1.2), (-0.4, 0.8)])
+def test_training_noise_levels_follow_p_mean_and_p_std(p_mean, p_std):
+    seen = []
+
+    def net(x, c_noise, labels):  # c_noise = ln(sigma) / 4
+        seen.append(4 * c_noise)
+        return torch.zeros_like(x)
+
+    edm_loss(net, torch.zeros(20_000, 1, 1, 1), torch.zeros(20_000, dtype=torch.long), torch.Generator().manual_seed(0),
+             p_mean, p_std)
+    log_sigma = torch.cat(seen)
+    assert abs(log_sigma.mean() - p_mean) < 0.03 and abs(log_sigma.std() - p_std) < 0.03
 
 
 def test_presets_sizes():

@@ -64,6 +64,8 @@ DEFAULTS: dict = {
         "warmup_images": FromPreset(0),    # linear learning-rate warm-up
         "ema_halflife_images": FromPreset(0),
         "hflip": FromPreset(False),        # random horizontal flips (mirror-symmetric data only)
+        "p_mean": FromPreset(0.0),         # training noise: ln(sigma) ~ N(p_mean, p_std^2) (EDM: -1.2, 1.2)
+        "p_std": FromPreset(0.0),
         "label_dropout": FromPreset(0.0),  # > 0 trains an unconditional branch for classifier-free guidance
         "sample_steps": FromPreset(0),     # sampler steps: Heun makes 2 * steps - 1 network calls per image, dpm2m steps
         "sampler": FromPreset(""),         # heun (EDM's 2nd order) | dpm2m (DPM-Solver++(2M): one call per step)
@@ -275,7 +277,7 @@ POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
 # Module keys are checked only when set (absent = the preset's value).
 POSITIVE_IF_SET = ("module.channels", "module.num_blocks", "module.budget_images", "module.batch_size", "module.lr",
-                   "module.sample_steps", "module.guidance", "module.latent")
+                   "module.sample_steps", "module.guidance", "module.latent", "module.p_std")
 NON_NEGATIVE = ("runtime.parallel_clients", "module.ema_halflife_images", "module.warmup_images", "module.sigma_min", "module.dropout",
                 "module.label_dropout", "classifier.blur", "classifier.mixup", "classifier.ema_halflife_images")
 
