@@ -1,4 +1,4 @@
-"""Seeds derived from stable names, and atomic file writes."""
+"""Seeds derived from stable names, the weight EMA, and atomic file writes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def derive_seed(seed: int, *names: object) -> int:
     """A 63-bit seed from the run seed and stable names (client id, class, stage).
@@ -16,6 +18,16 @@ def derive_seed(seed: int, *names: object) -> int:
     """
     key = "/".join([str(int(seed)), *map(str, names)]).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def ema_step(ema_tensors: list, net_tensors: list, batch: int, seen: int, halflife_images: float) -> None:
+    """Move an exponential moving average of weights towards the network after a step of `batch` images.
+
+    The half-life is in images and ramps up as EDM's does (at most a tenth of the images seen so far),
+    so a run far shorter than the half-life still averages what it learned."""
+    halflife = min(halflife_images, seen * 0.1)
+    torch._foreach_lerp_(ema_tensors, net_tensors, 1.0 - 0.5 ** (batch / max(halflife, 1e-8)))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FedFactoryError
 from ..modules.base import INDEX_BLOCK, to_float, to_model
-from ..utils import derive_seed
+from ..utils import derive_seed, ema_step
 from .augment import augment
 from .networks import PRESETS, ResNet
 
@@ -102,10 +102,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
         loss.backward()
         opt.step()
         sched.step()
-        if ema is not None:  # ramped up as the modules' EMA (EDM's): a short run still averages what it learned
-            beta = 0.5 ** (batch / min(halflife, 0.1 * (step + 1) * batch))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_tensors, net_tensors, 1.0 - beta)
+        if ema is not None:
+            ema_step(ema_tensors, net_tensors, batch, (step + 1) * batch, halflife)
         loss = loss.detach().double()  # a running mean on the device: read (a host sync) only for the bar
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
         if progress and step % 20 == 0:

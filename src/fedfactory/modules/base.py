@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import FedFactoryError
-from ..utils import derive_seed
+from ..utils import derive_seed, ema_step
 from .fileformat import read_manifest, read_weights, serialize, write_module_dir
 
 # Images are generated in fixed chunks, each with its own noise stream: asking for n images
@@ -213,11 +213,7 @@ class GenerativeModule(ABC):
                 dpsgd.per_image_grads(net_params, len(idx), k)
             opt.step()
             seen += batch  # with DP, images expected (a Poisson batch's size varies)
-            # EMA with a half-life in images, ramped up early (as EDM does) so short runs still average.
-            halflife = min(cfg["ema_halflife_images"], seen * 0.1)
-            beta = 0.5 ** (batch / max(halflife, 1e-8))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+            ema_step(ema_params, net_params, batch, seen, cfg["ema_halflife_images"])
             if checkpoint and (step + 1) % checkpoint_every == 0:  # e.g. benchmarks/memorization.py
                 checkpoint(seen, ema)
             if loss is not None:  # a running mean kept on the device: read (a host sync) only when the bar shows it
