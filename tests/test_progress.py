@@ -89,6 +89,25 @@ def test_parallel_training_reports_each_client_on_a_terminal_only(digits_npz, tm
         assert heard == [] and err.getvalue() == ""
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_classifier_and_synthesis_bars_show_on_a_terminal_only(monkeypatch, terminal):
+    from fedfactory.classify import train_classifier
+    from fedfactory.factory import synthesize
+    from test_classifier import BASE
+
+    err = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), np.array([0, 1] * 20)
+    train_classifier(x, y, 2, BASE, 0, "t", progress=True)
+    synthesize([tiny("diffusion").fit(x, y)], 2, 4, seed=0, progress=True)
+    shown = err.getvalue()
+    if terminal:
+        assert "classifier t" in shown and "synthesis" in shown
+    else:  # a log file or a pipe gets no carriage-return bars
+        assert shown == ""
+
+
 @pytest.mark.slow
 def test_a_workers_error_still_surfaces_with_the_display(digits_npz, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(sys, "stderr", Terminal())

@@ -172,7 +172,7 @@ def synthesize(modules: list[GenerativeModule], num_classes: int, per_class: int
     keys = shard_keys(modules, draws, seed) if store is not None else {}
     xs, ys, sources = [], [], []
     total = sum(n for d in draws.values() for _, n in d)
-    with tqdm(total=total, desc="synthesis", unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc="synthesis", unit="img", disable=None if progress else True, leave=False, dynamic_ncols=True) as bar:
         for c, pairs in draws.items():
             for cid, n in pairs:
                 m, s = by_id[cid], derive_seed(seed, "synthesis", cid, c)

@@ -83,7 +83,7 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
             bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
 
     clients = [client(cid, idx) for cid, idx in part.indices.items()]
-    with tqdm(total=b["rounds"], desc=method, unit="round", disable=not cfg["runtime"]["progress"], leave=False) as bar:
+    with tqdm(total=b["rounds"], desc=method, unit="round", disable=None if cfg["runtime"]["progress"] else True, leave=False) as bar:
         info = federated_training(method, net, clients, loss_fn, b["rounds"], b["lr"], seed, fraction=b["fraction"],
                                   mu=b["mu"], alpha=b["alpha"], weight_decay=c["weight_decay"],
                                   on_round=on_round, progress=bar)

@@ -86,7 +86,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
 
     net.train()
     t0, loss_avg = time.perf_counter(), None
-    bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for step, idx in zip(bar, batches()):
         x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg["blur"]), y_all[idx]
         lam = float(mix_rng.beta(mixup, mixup)) if mixup > 0 else 1.0
@@ -106,7 +106,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
             ema_step(ema_tensors, net_tensors, batch, (step + 1) * batch, halflife)
         loss = loss.detach().double()  # a running mean on the device: read (a host sync) only for the bar
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
-        if progress and step % 20 == 0:
+        if not bar.disable and step % 20 == 0:
             bar.set_postfix(loss=f"{loss_avg.item():.3f}", refresh=False)
     bar.close()
     final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
