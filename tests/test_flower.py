@@ -31,6 +31,8 @@ per_class = 20
 budget_images = 256
 batch_size = 64
 width = 8
+[quality]
+reference_budget = 256
 [runtime]
 threads = 1
 progress = false

@@ -11,6 +11,7 @@ SuperNodes whose public keys were registered beforehand (`flwr supernode registe
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from ...errors import FedFactoryError
 from ...server import check_new_run_dir
 
 APP_DIR = Path(__file__).parent / "app"
+STATUS_EVERY = 5.0  # seconds between two `flwr list` calls while a run works
 
 
 # Flower's tools from the environment that runs fedfactory (a virtual environment need not be activated).
@@ -245,21 +247,27 @@ class LocalFederation:
             run_id = int(json.loads(r.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
             raise FedFactoryError(f"flwr run failed: {(r.stdout + r.stderr).strip()[-2000:]}") from None
-        deadline, link, unknown = time.monotonic() + timeout, self.procs["superlink"], 0
-        status = ""
+        # `flwr list` is a new Python process (about 1.5 s of CPU), so the run's status is asked every
+        # STATUS_EVERY s, and at once when the ServerApp's results.json appears: the nodes keep the cores.
+        results, begun = Path(run_config["out"]) / "results.json", time.time()
+        deadline, link = time.monotonic() + timeout, self.procs["superlink"]
+        status, asked, known = "", -math.inf, time.monotonic()
         while time.monotonic() < deadline:
             if self.procs["superlink"] is not link or link.poll() is not None:  # its runs are lost with it
                 return {"run_id": run_id, "status": "failed: the SuperLink stopped", "log": ""}
-            r = self._flwr("list", "local", "--run-id", str(run_id), "--format", "json")
-            try:
-                status, unknown = json.loads(r.stdout)["runs"][0]["status"], 0
-            except (ValueError, KeyError, IndexError, TypeError):
-                status, unknown = "", unknown + 1
-            if status.startswith("finished"):
-                break
-            if unknown >= 30:  # a minute without news of the run: the SuperLink lost it
-                return {"run_id": run_id, "status": "failed: the SuperLink no longer knows the run", "log": ""}
-            time.sleep(2.0)
+            written = results.exists() and results.stat().st_mtime >= begun
+            if written or time.monotonic() - asked >= STATUS_EVERY:
+                asked = time.monotonic()
+                r = self._flwr("list", "local", "--run-id", str(run_id), "--format", "json")
+                try:
+                    status, known = json.loads(r.stdout)["runs"][0]["status"], asked
+                except (ValueError, KeyError, IndexError, TypeError):
+                    status = ""
+                if status.startswith("finished"):
+                    break
+                if asked - known >= 60:  # a minute without news of the run: the SuperLink lost it
+                    return {"run_id": run_id, "status": "failed: the SuperLink no longer knows the run", "log": ""}
+            time.sleep(0.5)
         else:
             status = f"timed out after {timeout:.0f} s (last status {status!r})"
         log = self._flwr("log", str(run_id), "local", "--show", timeout=30)
