@@ -46,8 +46,13 @@ SHAPE = (28, 28, 1)  # Fashion-MNIST
 def processor() -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        model = fields["Model name"].strip()
+        # A virtual machine may name only the vendor ("AMD EPYC"); the family tells the generations apart
+        # (AMD 25 = Zen 3/4, 26 = Zen 5), and they differ twofold here.
+        if "CPU family" in fields:
+            model += f" (family {fields['CPU family'].strip()}, model {fields.get('Model', '?').strip()})"
+    except (OSError, KeyError):
         model = platform.processor() or platform.machine()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {"model": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
