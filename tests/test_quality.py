@@ -60,11 +60,22 @@ def test_prdc_identical_disjoint_and_by_hand():
     assert r["recall"] == pytest.approx(10 / 10)
 
 
-def test_compare_too_few_images_gives_none_with_reason():
+@pytest.mark.parametrize("n", [5, 6])
+def test_compare_too_few_images_gives_none_with_reason(n):
+    # 6 = k + 1 images crashed prdc (its radii need k + 1 neighbours besides the image itself): a
+    # dirichlet:0.1 run lost its results to it after the classifier had trained
     rng = np.random.default_rng(0)
-    r = compare(rng.normal(size=(30, 4)), rng.normal(size=(5, 4)), k=5)
+    r = compare(rng.normal(size=(30, 4)), rng.normal(size=(n, 4)), k=5)
     assert all(r[m] is None for m in ("fid", "precision", "recall", "density", "coverage"))
-    assert r["synthetic"] == 5 and r["real"] == 30 and "k + 1" in r["reason"]
+    assert r["synthetic"] == n and r["real"] == 30 and "k + 2" in r["reason"]
+    r = compare(rng.normal(size=(n, 4)), rng.normal(size=(30, 4)), k=5)
+    assert r["fid"] is None and "reason" in r
+
+
+def test_compare_measures_from_k_plus_2_images():
+    rng = np.random.default_rng(0)
+    r = compare(rng.normal(size=(7, 4)), rng.normal(size=(7, 4)), k=5)
+    assert "reason" not in r and all(r[m] is not None for m in ("fid", "precision", "recall", "density", "coverage"))
 
 
 def _real(rng, c, n, size=12):

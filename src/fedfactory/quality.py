@@ -87,11 +87,13 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
 
 def compare(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
     """All metrics of one synthetic feature set against one real one, to 4 significant digits;
-    None metrics and a reason when either set has fewer than k + 1 images."""
+    None metrics and a reason when either set has fewer than k + 2 images: each image's k-th
+    neighbour radius is taken among the others, so prdc needs k + 1 others (a module that holds a
+    handful of images of a class, under a Dirichlet partition, draws only a few of it)."""
     out = {"synthetic": int(len(fake)), "real": int(len(real))}
-    if min(len(real), len(fake)) < k + 1:
+    if min(len(real), len(fake)) < k + 2:
         return {**dict.fromkeys(METRICS), **out,
-                "reason": f"needs at least k + 1 = {k + 1} real and synthetic images"}
+                "reason": f"needs at least k + 2 = {k + 2} real and synthetic images"}
     vals = {"fid": frechet_distance(fake, real), **prdc(real, fake, k)}
     return {**{m: float(f"{vals[m]:.4g}") for m in METRICS}, **out}  # significant digits: a FD may be small
 
