@@ -96,6 +96,19 @@ def test_resume_reuses_verified_modules_and_refuses_to_overwrite(digits_npz, tmp
     assert third["metrics"] == fresh["metrics"]
 
 
+def test_a_failing_quality_report_keeps_the_runs_results(digits_npz, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise ValueError("a defect in a metric")
+
+    monkeypatch.setattr("fedfactory.server.quality_report", broken)
+    res = run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), tmp_path / "run")
+    assert res["metrics"]["accuracy"] > 0.25
+    assert "ValueError: a defect in a metric" in res["quality"]["note"] and "modules" not in res["quality"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"] == res["metrics"]
+    assert "quality report failed" in (tmp_path / "run" / "report.md").read_text()
+    assert "the run's results are kept" in capsys.readouterr().err
+
+
 def test_removing_a_module_leaves_the_others_byte_identical(digits_npz, tmp_path):
     cfg = load_config("configs/fashion-silos.toml", toy_overrides(digits_npz))
     out = tmp_path / "run"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -199,7 +200,11 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
     if reference is not None:
         t = time.perf_counter()
         atomic_write_bytes(run_dir / "classifiers" / "reference.safetensors", classifier_to_bytes(reference, "reference"))
-        quality = quality_report(cfg, reference, synth, test, kw)
+        try:
+            quality = quality_report(cfg, reference, synth, test, kw)
+        except Exception as e:  # the report describes the run; a failure in it must not lose the trained classifier
+            quality = {"note": f"not measured: the quality report failed ({type(e).__name__}: {str(e)[:300]})"}
+            print(f"fedfactory: warning: {quality['note']}; the run's results are kept", file=sys.stderr)
         timings["quality"] = time.perf_counter() - t
     mods = [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
              "sha256": m.saved_manifest["weights_sha256"],
