@@ -75,8 +75,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     if ema is not None:  # the weights and the BatchNorm statistics, averaged alike
         ema_tensors = [*ema.parameters(), *(b for b in ema.buffers() if b.is_floating_point())]
         net_tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
-    # uint8 on the device, converted per batch; indices drawn a block of steps at a time.
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    # uint8 on the device, converted per batch (a read-only array copied: torch warns on one); indices
+    # drawn a block of steps at a time.
+    pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device)
     y_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
 
     def batches():

@@ -167,8 +167,9 @@ class GenerativeModule(ABC):
         ema = copy.deepcopy(net).requires_grad_(False)
         cuda = self.device.type == "cuda"
         opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), fused=cuda)
-        # The images stay uint8 on the device (a quarter of float32's memory), converted per batch.
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        # The images stay uint8 on the device (a quarter of float32's memory), converted per batch;
+        # a read-only array (torch warns on one) is copied.
+        pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
         y_all = torch.from_numpy(local).to(self.device)
         gen = torch.Generator(self.device).manual_seed(derive_seed(self.seed, self.client_id, "noise"))
         if self.dp is None:
