@@ -1,6 +1,7 @@
 """Benchmark: the factory's synthesis levers on a finished run's modules (issue 15).
 
-Takes the modules of a run (nothing is trained again) and, for each variant SAMPLER:STEPS:PER_CLASS,
+Takes the modules of a run (nothing is trained again) and, for each variant SAMPLER:STEPS:PER_CLASS
+(optionally :SIGMA_MIN, where the sampler stops; the run's own otherwise),
 synthesizes the class-balanced set, trains the run's classifier on it (same config, same seed, same
 budget) and evaluates it on the test set. So the sampler and the number of synthetic images can be
 weighed against the minutes they cost, on the same modules.
@@ -32,21 +33,22 @@ from fedfactory.server import evaluation_split, synthesize_all
 from fedfactory.utils import atomic_write_json
 
 
-def parse_variant(text: str) -> tuple[str, int, int]:
+def parse_variant(text: str) -> tuple[str, int, int, float | None]:
     try:
-        sampler, steps, per_class = text.split(":")
-        if sampler not in SAMPLERS:
+        sampler, steps, per_class, *sigma_min = text.split(":")
+        if sampler not in SAMPLERS or len(sigma_min) > 1:
             raise ValueError
-        return sampler, int(steps), int(per_class)
+        return sampler, int(steps), int(per_class), float(sigma_min[0]) if sigma_min else None
     except ValueError:
-        sys.exit(f"--variant {text!r}: expected SAMPLER:STEPS:PER_CLASS with SAMPLER one of {sorted(SAMPLERS)}, e.g. dpm2m:10:2000")
+        sys.exit(f"--variant {text!r}: expected SAMPLER:STEPS:PER_CLASS[:SIGMA_MIN] with SAMPLER one of "
+                 f"{sorted(SAMPLERS)}, e.g. dpm2m:10:2000 or dpm2m:10:1000:0.1")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a finished run folder (its config.toml and modules/)")
     ap.add_argument("--variant", action="append", type=parse_variant, required=True,
-                    help="SAMPLER:STEPS:PER_CLASS, e.g. heun:10:1000 (repeatable)")
+                    help="SAMPLER:STEPS:PER_CLASS[:SIGMA_MIN], e.g. heun:10:1000 (repeatable)")
     ap.add_argument("--out", help="where to write the JSON (default RUN/synthesis_levers.json)")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
@@ -59,9 +61,11 @@ def main(argv=None) -> int:
     modules = sorted((load_module(p, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
                       for p in sorted((run_dir / "modules").iterdir()) if p.is_dir()), key=lambda m: m.client_id)
     rows = []
-    for sampler, steps, per_class in args.variant:
+    own_sigma_min = {m.client_id: m.train_cfg["sigma_min"] for m in modules}
+    for sampler, steps, per_class, sigma_min in args.variant:
         for m in modules:
-            m.train_cfg.update(sampler=sampler, sample_steps=steps)
+            m.train_cfg.update(sampler=sampler, sample_steps=steps,
+                               sigma_min=own_sigma_min[m.client_id] if sigma_min is None else sigma_min)
         vcfg = copy.deepcopy(cfg)
         vcfg["factory"]["per_class"] = per_class
         t = time.perf_counter()
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
                                   "server", **kw)
         classifier = time.perf_counter() - t
         m = evaluate(test.labels, predict_log_proba(net, test.images, kw["device"], kw["bf16"]), test.num_classes)
-        row = {"sampler": sampler, "steps": steps, "per_class": per_class, "accuracy": m["accuracy"],
+        row = {"sampler": sampler, "steps": steps, "per_class": per_class,
+               "sigma_min": modules[0].train_cfg["sigma_min"], "accuracy": m["accuracy"],
                "balanced_accuracy": m["balanced_accuracy"], "auroc": m["auroc"], "per_class_accuracy": m["per_class_accuracy"],
                "synthesis_seconds": round(synthesis, 1), "classifier_seconds": round(classifier, 1),
                "synthetic_images": len(synth.labels), "synthetic_sha256": synth.digest()}

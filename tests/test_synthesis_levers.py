@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedfactory.config import load_config
+from fedfactory.modules import load_module
 from fedfactory.runners.embedded import run
 from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
 
@@ -32,11 +33,14 @@ def test_the_run_s_own_settings_reproduce_its_result_and_other_variants_differ(t
     out, res = toy_run
     # the shipped config samples with DPM-Solver++(2M); the toy run takes 3 steps
     assert levers.main(["--run", str(out), "--variant", "dpm2m:3:40", "--variant", "heun:3:20",
-                        "--out", str(tmp_path / "levers.json")]) == 0
-    own, other = json.loads((tmp_path / "levers.json").read_text())["variants"]
+                        "--variant", "dpm2m:3:40:0.5", "--out", str(tmp_path / "levers.json")]) == 0
+    own, other, stop = json.loads((tmp_path / "levers.json").read_text())["variants"]
     assert own["synthetic_sha256"] == res["synthetic"]["sha256"] and own["accuracy"] == res["metrics"]["accuracy"]
+    assert own["sigma_min"] == other["sigma_min"] == load_module(out / "modules" / "client-0").train_cfg["sigma_min"]
     assert other["synthetic_images"] == 80 and other["synthetic_sha256"] != own["synthetic_sha256"]
     assert other["synthesis_seconds"] > 0 and 0 <= other["accuracy"] <= 1
+    # a variant's own sigma_min is where the sampler stops: other images from the same modules and seed
+    assert stop["sigma_min"] == 0.5 and stop["synthetic_sha256"] not in (own["synthetic_sha256"], other["synthetic_sha256"])
 
 
 def test_the_classifier_levers_reuse_the_kept_set_and_base_is_the_run(toy_run, tmp_path):
