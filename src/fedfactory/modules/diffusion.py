@@ -81,8 +81,8 @@ class DiffusionModule(GenerativeModule):
     kind = "diffusion"
     sampling_keys = ("sample_steps", "sampler", "sigma_min", "guidance")
     presets = {
-        # ~0.9M parameters at 28 px. On 2 CPU cores with bf16 this trains at ~330 img/s, where
-        # 32 base channels would run at 240 img/s: full-resolution convolutions dominate the cost.
+        # ~0.9M parameters at 28 px; 2 CPU cores train two modules at 126-304 img/s each, by processor.
+        # 32 base channels train 2.6x slower for no accuracy (Br35H, benchmarks/README.md).
         "cpu": {"arch": {"channels": 16, "channel_mult": [1, 2, 4], "num_blocks": 2, "attn_resolutions": [],
                          "dropout": 0.0},
                 "train": {"budget_images": 36_000, "batch_size": 64, "lr": 2e-3, "ema_halflife_images": 10_000,
