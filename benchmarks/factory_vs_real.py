@@ -5,7 +5,8 @@ diffusion module per class), then trains the SAME classifier with the SAME budge
   (b) an equally sized real set (as many real images per class as synthetic ones; when the
       classifier blurs its inputs, also without the blur, the stricter reference), and
   (c) the whole real training set (centralized, the upper bound),
-and prints every accuracy, the ratios synthetic/real and server/centralized, and throughput.
+and prints every accuracy, the ratios synthetic/real and server/centralized, and throughput. It runs
+server mode, whatever the config's classifier.mode.
 
     python benchmarks/factory_vs_real.py --out runs/bench-fashion [--set module.budget_images=36000]
     python benchmarks/factory_vs_real.py --config configs/br35h-silos.toml --out runs/bench-br35h
@@ -50,7 +51,11 @@ def main():
     ap.add_argument("--out", default="runs/bench-fashion-silos")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
-    cfg = load_config(args.config, args.set)
+    # Server mode whatever the config says: the benchmark weighs a classifier on the synthetic set alone.
+    cfg = load_config(args.config, ["classifier.mode=server", *args.set])
+    if cfg["classifier"]["mode"] != "server":
+        sys.exit("factory_vs_real.py measures server mode (a classifier on the synthetic set only); "
+                 "compare local mode with `fedfactory compare --methods factory,centralized`")
 
     t0 = time.perf_counter()
     res = run(cfg, args.out, resume=args.resume)

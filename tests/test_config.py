@@ -30,6 +30,14 @@ def test_bad_overrides_name_the_key(override, words):
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("privacy", ["privacy.epsilon=10", "privacy.noise_multiplier=1.0"])
+def test_dp_refuses_local_mode_whose_experts_are_not_private(privacy):
+    # the experts of local mode leave the sites untouched by DP: an epsilon would misstate the run's privacy
+    with pytest.raises(FedFactoryError, match="classifier.mode = \"server\""):
+        load_config(None, ["classifier.mode=local", privacy])
+    assert load_config(None, ["classifier.mode=server", privacy])["classifier"]["mode"] == "server"
+
+
 def test_unknown_key_in_file_suggests_nearest(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[classifier]\nbatchsize = 3\n")

@@ -310,6 +310,12 @@ def validate(cfg: dict) -> None:
     for key, (low, high) in RANGES.items():
         if not low <= get(cfg, key) <= high:
             raise FedFactoryError(f"config key {key!r} must be in [{low:g}, {high:g}]; got {get(cfg, key)!r}")
+    if cfg["classifier"]["mode"] == "local" and (cfg["privacy"]["epsilon"] > 0 or cfg["privacy"]["noise_multiplier"] > 0):
+        # Each site's expert is trained on its real images without DP and leaves the site: the epsilon would
+        # cover the modules only, and a data-protection officer would read it as covering the run.
+        raise FedFactoryError("differential privacy covers the modules only, and local mode also sends each site's "
+                              "expert, a classifier trained on its real images without it: set "
+                              "classifier.mode = \"server\" for a DP run (--set classifier.mode=server)")
     from .modules.fileformat import check_client_id
 
     for cid in cfg["federation"]["clients"]:
