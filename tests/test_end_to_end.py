@@ -59,6 +59,7 @@ def test_pipeline_writes_sane_results(digits_npz, tmp_path, mode):
     assert 0 <= q["reference"]["test_accuracy"] <= 1
     assert q["reference"]["centralized"] is (mode == "server")
     assert ("x** of it" in (out / "report.md").read_text()) is (mode == "server")
+    assert ("the experts have no audit and no DP" in (out / "report.md").read_text()) is (mode == "local")
 
     assert {c: list(per) for c, per in q["modules"].items()} == {f"client-{i}": [str(i)] for i in range(4)}
     for per in q["modules"].values():

@@ -85,7 +85,7 @@ def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall")
 
 
-def privacy_table(modules: list[dict]) -> list[str]:
+def privacy_table(modules: list[dict], local_mode: bool = False) -> list[str]:
     """Each module's privacy audit and DP terms, numbers only (the sites keep their pictures)."""
     def num(v, fmt=".3f"):
         return "-" if v is None else f"{v:{fmt}}"
@@ -105,6 +105,9 @@ def privacy_table(modules: list[dict]) -> list[str]:
               "image (0.5 = no preference). MIA AUC: a loss-threshold membership attack (0.5 = nothing leaks). "
               "p: one-sided tests. Epsilon covers each training image's influence on the weights, not the class "
               "counts in the manifest or the choice of settings.", ""]
+    if local_mode:
+        lines += ["Local mode: each site also sent its expert, a classifier trained on its real images. This audit "
+                  "covers the modules only; the experts have no audit and no DP.", ""]
     return lines
 
 
@@ -162,7 +165,7 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += [f"| {cid} | " + " | ".join(map(str, cnt)) + " |" for cid, cnt in results["clients"].items()]
     lines += ["", "## Modules", "", "| client | classes | SHA-256 | bytes |", "|---|---|---|---|"]
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
-    lines += ["", *privacy_table(results["modules"])]
+    lines += ["", *privacy_table(results["modules"], results["config"]["classifier"]["mode"] == "local")]
     if "quality" in results:
         lines += quality_table(results["quality"], class_names, m["accuracy"])
     lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
