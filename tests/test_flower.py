@@ -103,6 +103,17 @@ def test_a_failing_client_fails_the_run_by_node_id(toy_config, tmp_path):
     assert "client-7 is not a client" in msg or "client-7" in msg
 
 
+def test_nodes_share_the_cores_unless_told_otherwise(tmp_path, monkeypatch):
+    from fedfactory.runtime import DEFAULT_THREADS
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fed = LocalFederation(3, workdir=tmp_path, node_envs=[{}, {"OMP_NUM_THREADS": "7"}, {}])
+    assert [e["OMP_NUM_THREADS"] for e in fed.node_envs] == [str(max(1, DEFAULT_THREADS // 3)), "7",
+                                                             str(max(1, DEFAULT_THREADS // 3))]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting reaches the nodes unchanged
+    assert all("OMP_NUM_THREADS" not in e for e in LocalFederation(3, workdir=tmp_path).node_envs)
+
+
 def test_processes_are_stopped():
     with LocalFederation(1) as fed:
         procs = list(fed.procs.values())
