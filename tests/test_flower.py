@@ -108,8 +108,8 @@ def test_nodes_share_the_cores_unless_told_otherwise(tmp_path, monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     fed = LocalFederation(3, workdir=tmp_path, node_envs=[{}, {"OMP_NUM_THREADS": "7"}, {}])
-    assert [e["OMP_NUM_THREADS"] for e in fed.node_envs] == [str(max(1, DEFAULT_THREADS // 3)), "7",
-                                                             str(max(1, DEFAULT_THREADS // 3))]
+    share = str(max(1, DEFAULT_THREADS // 3))
+    assert [e["OMP_NUM_THREADS"] for e in fed.node_envs] == [share, "7", share]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting reaches the nodes unchanged
     assert all("OMP_NUM_THREADS" not in e for e in LocalFederation(3, workdir=tmp_path).node_envs)
 

@@ -46,7 +46,12 @@ def site_split(cfg: dict, sites: int) -> tuple[int, int]:
             workers = max(1, min(DEFAULT_THREADS, int(available_memory() // SITE_MEMORY)))
     workers = max(1, min(workers, sites))
     # runtime.threads, when set, is each process's (so that a site can reproduce its module's bits)
-    return workers, rt["threads"] or (DEFAULT_THREADS if workers == 1 else max(1, DEFAULT_THREADS // workers))
+    return workers, rt["threads"] or threads_each(workers)
+
+
+def threads_each(processes: int) -> int:
+    """Threads for each of `processes` sharing this machine's cores: an equal share, at least one."""
+    return max(1, DEFAULT_THREADS // processes)
 
 
 def setup_runtime(cfg: dict) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ...data.partition import client_id
 from ...errors import FedFactoryError
-from ...runtime import DEFAULT_THREADS
+from ...runtime import threads_each
 from ...server import check_new_run_dir
 
 APP_DIR = Path(__file__).parent / "app"
@@ -129,9 +129,8 @@ class LocalFederation:
         # Extra environment, per node. The nodes share this machine's cores as the embedded runner's sites do
         # (runtime.site_split: cores // nodes threads each, at least one): a node left to torch's default takes
         # every core, and N such nodes on the same cores run several times slower. runtime.threads still wins.
-        threads = {"OMP_NUM_THREADS": str(max(1, DEFAULT_THREADS // num_nodes))}
-        self.node_envs = [{**({} if "OMP_NUM_THREADS" in os.environ else threads), **e}
-                          for e in (node_envs or [{} for _ in range(num_nodes)])]
+        share = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads_each(num_nodes))}
+        self.node_envs = [{**share, **e} for e in node_envs or [{}] * num_nodes]
         self.work = Path(workdir or tempfile.mkdtemp(prefix="fedfactory-flower-"))
         self.tls = tls
         self.certs: dict = {}  # with tls: make_tls_material's paths
