@@ -1,5 +1,7 @@
 """A site's own labelled images: an ImageFolder directory, a `path,label` CSV or a .npz file.
 
+Images may be PNG/JPEG/TIFF/... or DICOM (one frame each, made 8-bit by data/dicom.py).
+
 Labels come back as global class ids: a class's index in the federation's `class_names`, which the
 config fixes, so sites agree on ids without seeing each other's data.
 """
@@ -18,6 +20,7 @@ from .base import BAD_IMAGE, as_labels, as_nhwc, one_line, resize_images
 from .npz import read_npz
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 NPZ_KEYS = {
     "train": (("x_train", "y_train"), ("train_images", "train_labels"), ("images", "labels")),
@@ -54,7 +57,7 @@ def _folder_items(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
                                       f"class list {class_names}")
         return [(sub / name, ids[sub.name]) for sub in sorted(subs, key=lambda d: ids[d.name])
                 for name in sorted(f.name for f in sub.iterdir() if not f.name.startswith(".")
-                                   and f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)]
+                                   and f.is_file() and (f.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom(f)))]
     except OSError as e:
         raise FedFactoryError(f"cannot list folder {root}: {one_line(e)}") from None
 
@@ -88,8 +91,27 @@ def _csv_items(path: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     return items
 
 
-def _read(path: Path, fn):
-    """Run fn on the opened image; any failure to decode this file becomes a FedFactoryError naming it."""
+def _is_dicom(path: Path) -> bool:
+    """A .dcm/.dicom file, or a file of no image extension (not a DICOMDIR) with the DICM preamble."""
+    suffix = path.suffix.lower()
+    if suffix in DICOM_EXTENSIONS or suffix in IMAGE_EXTENSIONS or path.name.upper() == "DICOMDIR":
+        return suffix in DICOM_EXTENSIONS
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _read(path: Path, fn, max_bytes: int, head: bool = False):
+    """Run fn on the opened image, or with head on its header only (mode, size); any failure to decode this
+    file becomes a FedFactoryError naming it. A DICOM file's pixel data is checked against max_bytes first."""
+    if _is_dicom(path):
+        from .dicom import read_header, read_image  # pydicom is imported only where a site has DICOM files
+
+        header = read_header(path)
+        _check_bytes(header.nbytes, f"DICOM file {path}", max_bytes, what="its pixel data", fix="")
+        return fn(header if head else read_image(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -101,8 +123,9 @@ def _read(path: Path, fn):
 
 def _images(items, where: str, size: int, channels: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     if not items:
-        raise FedFactoryError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    heads = [_read(path, lambda im: (im.mode, im.size)) for path, _ in items]  # headers only: cheap
+        raise FedFactoryError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)})")
+    heads = [_read(path, lambda im: (im.mode, im.size), max_bytes, head=True)  # headers only: cheap
+             for path, _ in items]
     if not channels:
         channels = 1 if all(mode in GREY_MODES for mode, _ in heads) else 3
     if size > 0:
@@ -121,7 +144,7 @@ def _images(items, where: str, size: int, channels: int, max_bytes: int) -> tupl
         return np.asarray(im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR), np.uint8)
 
     for i, (path, _) in enumerate(items):
-        x[i] = _read(path, pixels).reshape(h, w, channels)
+        x[i] = _read(path, pixels, max_bytes).reshape(h, w, channels)
     return x, np.array([gid for _, gid in items], np.int64)
 
 
@@ -151,7 +174,8 @@ def _npz(path: Path, class_names: list[str], split: str, size: int, channels: in
     return np.ascontiguousarray(x), y
 
 
-def _check_bytes(n: int, where: str, max_bytes: int) -> None:
+def _check_bytes(n: int, where: str, max_bytes: int, what: str = "the images",
+                 fix: str = "; use a smaller data.size or fewer images") -> None:
     if n > max_bytes:
-        raise FedFactoryError(f"{where}: the images would take {n / 2**30:.2f} GiB, above the cap of "
-                              f"{max_bytes / 2**30:.2f} GiB; use a smaller data.size or fewer images")
+        raise FedFactoryError(f"{where}: {what} would take {n / 2**30:.2f} GiB, above the cap of "
+                              f"{max_bytes / 2**30:.2f} GiB{fix}")
