@@ -64,8 +64,15 @@ def cmd_federate(args) -> int:
     from .runners.flower.federation import federate
 
     cfg = load_config(args.config, args.set)  # fail fast, here, on a bad config or key
+    if args.site_test and len(args.site_test) != len(args.data):
+        raise FedFactoryError(f"--site-test takes one test folder per --data folder: {len(args.data)} sites, "
+                              f"{len(args.site_test)} test folders")
+    if len(args.policy) not in (0, 1, max(1, len(args.data) or args.nodes)):
+        raise FedFactoryError("--policy takes one site policy for every site, or one per site")
     if args.data:
         node_configs = [{"data": str(Path(d).resolve())} for d in args.data]
+        for node, test in zip(node_configs, args.site_test):
+            node["test"] = str(Path(test).resolve())
     else:
         node_configs = None
         if args.nodes != cfg["partition"]["clients"] and cfg["partition"]["scheme"] != "natural":
@@ -75,8 +82,14 @@ def cmd_federate(args) -> int:
     nodes = len(args.data) if args.data else args.nodes
     if not nodes:
         raise FedFactoryError("give --nodes N (simulated sites) or --data DIR [DIR ...] (one site per folder)")
+    if args.policy:
+        node_configs = node_configs or [{} for _ in range(nodes)]
+        for i, node in enumerate(node_configs):
+            node["policy"] = str(Path(args.policy[i if len(args.policy) > 1 else 0]).resolve())
+    # sites with their own folders and no coordinator test set: the sites evaluate (federated)
+    test = args.test or ("none" if args.data else "")
     result = federate(args.config, nodes, args.out, overrides=args.set, node_configs=node_configs,
-                      timeout=args.timeout, test=args.test, tls=args.tls, resume=args.resume)
+                      timeout=args.timeout, test=test, tls=args.tls, resume=args.resume)
     m = json.loads((Path(args.out) / "results.json").read_text())["metrics"]
     print(f"Flower run {result['run_id']}: {result['status']}")
     print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  AUROC {m['auroc']:.4f}")
@@ -91,11 +104,18 @@ def _print_metrics(results: dict, out) -> None:
     print(f"report: {Path(out) / 'report.md'}")
 
 
+def _policy(args):
+    from .policy import load_policy
+
+    return load_policy(args.policy) if args.policy else None
+
+
 def cmd_site_train(args) -> int:
     from .config import load_config
     from .runners.files import site_train
 
-    m = site_train(load_config(args.config, args.set), args.data, args.out, args.client_id, args.audit_out)
+    m = site_train(load_config(args.config, args.set), args.data, args.out, args.client_id, args.audit_out,
+                   _policy(args))
     print(f"{m.client_id}: module of classes {m.classes} ({sum(m.counts)} images) in {args.out}, "
           f"SHA-256 {m.saved_manifest['weights_sha256'][:16]}")
     if "audit" in m.privacy:
@@ -117,7 +137,7 @@ def cmd_site_audit(args) -> int:
     from .config import load_config
     from .runners.files import site_audit
 
-    a = site_audit(load_config(args.config, args.set), args.module, args.data, args.out)
+    a = site_audit(load_config(args.config, args.set), args.module, args.data, args.out, _policy(args))
     print(f"privacy audit of {args.module}: {audit_line(a)}")
     print(f"report (it shows training images: keep it at the site): "
           f"{args.out or Path(args.module).parent / (Path(args.module).name + '-audit')}/audit.md")
@@ -128,17 +148,42 @@ def cmd_site_expert(args) -> int:
     from .config import load_config
     from .runners.files import site_expert
 
-    site_expert(load_config(args.config, args.set), args.data, args.modules, args.out, args.client_id)
+    site_expert(load_config(args.config, args.set), args.data, args.modules, args.out, args.client_id, _policy(args))
     print(f"{args.client_id}: expert classifier in {args.out}")
     return 0
 
+
+def cmd_site_evaluate(args) -> int:
+    from .runners.files import site_evaluate
+
+    a = site_evaluate(args.model, args.test, args.client_id, args.out, _policy(args))
+    cm = a["confusion_matrix"]
+    print(f"{args.client_id}: {a['images']} test images, {sum(cm[i][i] for i in range(len(cm)))} classified correctly; "
+          f"the answer for the coordinator (counts only) is {args.out}")
+    return 0
+
+
+def cmd_server_pool(args) -> int:
+    from .runners.files import server_pool
+
+    results = server_pool(args.run_dir, args.evaluations)
+    sites = results["evaluation"]["sites"]
+    print(f"evaluated by {results['evaluation']['by']}: " +
+          ", ".join(f"{cid} ({s['images']} images)" for cid, s in sites.items()))
+    _print_metrics(results, args.run_dir)
+    return 0
 
 def cmd_server_build(args) -> int:
     from .config import load_config
     from .runners.files import server_build
 
     results = server_build(load_config(args.config, args.set), args.modules, args.test, args.out, args.experts)
-    _print_metrics(results, args.out)
+    if results["metrics"]:
+        _print_metrics(results, args.out)
+    else:
+        print(f"classifier: {Path(args.out) / 'model.safetensors'}; no test set here, so each site evaluates it: "
+              f"fedfactory site evaluate {Path(args.out) / 'model.safetensors'} --test DIR --client-id ID --out "
+              f"ANSWER.json, then fedfactory server pool {args.out} --evaluations ANSWER.json ...")
     return 0
 
 
@@ -150,7 +195,10 @@ def cmd_unlearn(args) -> int:
     if u["orphaned_classes"]:
         names = results["dataset"]["class_names"]
         print(f"classes that lost their only module (never predicted now): {', '.join(names[c] for c in u['orphaned_classes'])}")
-    print(f"accuracy {u['metrics_before']['accuracy']:.4f} -> {m['accuracy']:.4f}")
+    if m:
+        print(f"accuracy {u['metrics_before']['accuracy']:.4f} -> {m['accuracy']:.4f}")
+    else:
+        print("the sites evaluate the rebuilt classifier: fedfactory site evaluate, then fedfactory server pool")
     print(f"report: {Path(u['run_dir']) / 'report.md'}")
     return 0
 
@@ -205,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--nodes", type=int, default=0, help="simulated sites: SuperNodes holding shares of the config's data set")
     s.add_argument("--data", nargs="+", default=[], metavar="DIR",
                    help="or one SuperNode per site folder (class folders, a CSV of path,label, or an .npz)")
-    s.add_argument("--test", default="", help="the server's test set (folder, CSV, .npz or data set name; "
-                   "default: the config's data set's test split)")
+    s.add_argument("--test", default="", help="the coordinator's test set (folder, CSV, .npz or data set name; "
+                   "default: none with --data, where the sites evaluate; else the config's data set's test split)")
+    s.add_argument("--site-test", nargs="+", default=[], metavar="DIR",
+                   help="with --data: each site's own test images, one per --data folder (the sites evaluate)")
+    s.add_argument("--policy", nargs="+", default=[], metavar="TOML",
+                   help="the sites' policies (site-policy.toml): one for every site, or one per site")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--timeout", type=float, default=7200, help="seconds the clients may take to train")
@@ -224,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="the module folder to write (its name is the client id by default)")
     s.add_argument("--client-id", default="", help="this site's client id (default: the --out folder's name)")
     s.add_argument("--audit-out", default="", help="the site's own audit report folder (default: <out>-audit)")
+    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
+                   "coordinator may ask of it")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.set_defaults(func=cmd_site_train)
     s = site_sub.add_parser("audit", help="audit a module against this site's images: copies, held-out test, membership")
@@ -231,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", required=True)
     s.add_argument("--data", required=True, help="the site's images, as given to site train")
     s.add_argument("--out", default="", help="the report folder (default: <module>-audit)")
+    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
+                   "coordinator may ask of it")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.set_defaults(func=cmd_site_audit)
     s = site_sub.add_parser("expert", help="local mode: this site's expert classifier from its data and the others' modules")
@@ -239,20 +295,36 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--modules", nargs="+", required=True, metavar="DIR", help="the other sites' module folders")
     s.add_argument("--client-id", required=True, help="this site's client id")
     s.add_argument("--out", required=True, help="the expert file to write (.safetensors)")
+    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
+                   "coordinator may ask of it")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.set_defaults(func=cmd_site_expert)
+    s = site_sub.add_parser("evaluate", help="evaluate the federation's classifier on this site's test images; "
+                            "the answer holds counts only")
+    s.add_argument("model", help="the classifier file (a run's model.safetensors)")
+    s.add_argument("--test", required=True, help="the site's own test images: class folders, a CSV, or an .npz")
+    s.add_argument("--client-id", required=True, help="this site's client id")
+    s.add_argument("--out", required=True, help="the answer to send to the coordinator (.json)")
+    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
+                   "coordinator may ask of it")
+    s.set_defaults(func=cmd_site_evaluate)
 
     server = sub.add_parser("server", help="what the server does with the sites' modules: factory, classifier, report")
     server_sub = server.add_subparsers(dest="server_command", required=True)
     s = server_sub.add_parser("build", help="build the run from module folders gathered in any way")
     s.add_argument("--config", required=True)
     s.add_argument("--modules", nargs="+", required=True, metavar="DIR", help="the sites' module folders")
-    s.add_argument("--test", default="", help="the test set: class folders, a CSV, an .npz, or a data set name "
-                   "(default: the config's data set's test split)")
+    s.add_argument("--test", default="", help="the coordinator's test set: class folders, a CSV, an .npz, or a "
+                   "data set name (default: none; the sites evaluate: site evaluate, then server pool)")
     s.add_argument("--experts", nargs="*", default=[], metavar="FILE", help="local mode: the sites' expert files")
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.set_defaults(func=cmd_server_build)
+
+    s = server_sub.add_parser("pool", help="the sites' evaluations (counts) into the run's metrics and report")
+    s.add_argument("run_dir")
+    s.add_argument("--evaluations", nargs="+", required=True, metavar="JSON", help="the sites' site evaluate answers")
+    s.set_defaults(func=cmd_server_pool)
 
     s = sub.add_parser("unlearn", help="forget a client exactly: rebuild the run without its module")
     s.add_argument("run_dir")

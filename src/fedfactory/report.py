@@ -135,6 +135,29 @@ def quality_table(quality: dict, class_names: list[str], accuracy: float) -> lis
         if ref.get("centralized") else [])
 
 
+def evaluation_lines(results: dict) -> list[str]:
+    """The metrics, and which evaluation they come from: the coordinator's test set, or the sites' own
+    test images pooled from their counts (then each site's too)."""
+    m, ev = results["metrics"], results.get("evaluation", {"by": "coordinator", "sites": {}})
+    if not m:
+        return ["**Metrics pending:** the coordinator holds no test images; each site evaluates the classifier "
+                "(`fedfactory site evaluate`) and `fedfactory server pool` adds their answers here.", ""]
+    if ev["by"] == "sites":
+        where = (f"Evaluated by the sites on their own test images ({results['test']['images']:,} in all), "
+                 "pooled from counts they sent: a confusion matrix and score histograms, no image and no per-image "
+                 "score. AUROC comes from the histograms (within a score bin of the exact value).")
+    else:
+        where = f"Evaluated at the coordinator on its test set ({results['test']['name']}, {results['test']['images']:,} images)."
+    lines = [where, "", "| metric | value |", "|---|---|", *[f"| {k} | {m[k]:.4f} |" for k in METRICS], ""]
+    if ev["sites"]:
+        lines += ["Each site on its own test images:", "", "| site | test images | " + " | ".join(METRICS) + " |",
+                  "|---|---|" + "---|" * len(METRICS)]
+        lines += [f"| {cid} | {s['images']} | " + " | ".join(f"{s['metrics'][k]:.4f}" for k in METRICS) + " |"
+                  for cid, s in ev["sites"].items()]
+        lines.append("")
+    return lines
+
+
 def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
     m = results["metrics"]
     cfg = results["config"]
@@ -145,9 +168,7 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
         f"Seed {cfg['seed']}; {cfg['module']['kind']} modules ({cfg['module']['preset']} preset); "
         f"{cfg['factory']['per_class']} synthetic images per class; one round of module exchange.",
         "",
-        "| metric | value |", "|---|---|",
-        *[f"| {k} | {m[k]:.4f} |" for k in METRICS],
-        "",
+        *evaluation_lines(results),
     ]
     if extra:
         lines += [extra, ""]
@@ -157,7 +178,7 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += ["## Per class", "", "| class | test accuracy | modules |", "|---|---|---|"]
     holders = {c: [mod["client"] for mod in results["modules"] if c in mod["classes"]] for c in range(len(class_names))}
     for c, name in enumerate(class_names):
-        acc = m["per_class_accuracy"][c]
+        acc = m["per_class_accuracy"][c] if m else None
         lines.append(f"| {name} | {'-' if acc is None else f'{acc:.3f}'} | {', '.join(holders[c]) or 'none'} |")
     lines += ["", "## Clients (real training images per class)", "",
               "| client | " + " | ".join(n[:10] for n in class_names) + " |",
@@ -167,11 +188,13 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
     lines += ["", *privacy_table(results["modules"], results["config"]["classifier"]["mode"] == "local")]
     if "quality" in results:
-        lines += quality_table(results["quality"], class_names, m["accuracy"])
+        lines += quality_table(results["quality"], class_names, m["accuracy"] if m else float("nan"))
     lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
-    lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:", "",
-              "![samples](samples.png)", "", "![confusion matrix](confusion.png)", ""]
+    real = results["test"]["images"] and results.get("evaluation", {}).get("by") != "sites"
+    lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:" if real
+              else "Synthetic images, one row per class (the coordinator holds no real image: the rows between are "
+              "empty):", "", "![samples](samples.png)", ""] + (["![confusion matrix](confusion.png)", ""] if m else [])
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

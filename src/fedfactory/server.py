@@ -17,17 +17,19 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .classify import classifier_to_bytes, predict_log_proba, product_of_experts, train_classifier
+from .classify import classifier_to_bytes, train_classifier
+from .classify.model import FederatedClassifier
 from .config import dumps
 from .data import Dataset, LabelledImages, cap_per_class, load_dataset
 from .data.folder import load_labelled
 from .errors import FedFactoryError
-from .evaluate import evaluate
+from .evaluate import check_counts, evaluate, pooled_metrics
 from .factory import ShardStore, SyntheticSet, synthesize
 from .modules import GenerativeModule, load_module
 from .modules.fileformat import WEIGHTS, write_module_dir
@@ -38,6 +40,8 @@ from .registry import register
 from .report import confusion_png, synthetic_vs_real, write_report
 from .runtime import classifier_kw
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, derive_seed
+
+MODEL = "model.safetensors"  # the run's classifier, self-describing (classify/model.py)
 
 
 def check_new_run_dir(run_dir: Path) -> None:
@@ -85,6 +89,25 @@ def load_test_set(cfg: dict, source: str = "") -> LabelledImages:
         x, y = load_labelled(source, d["classes"], split="test", size=d["size"], channels=d["channels"])
         return LabelledImages(Path(source).name, x, y, list(d["classes"]))
     return evaluation_split({**cfg, "data": {**d, "test_per_class": 0}}, load_dataset(source, size=d["size"]))
+
+
+NO_TEST_SET = "none"  # a coordinator with no test images: the sites evaluate the classifier (federated)
+
+
+def no_test_set(cfg: dict) -> LabelledImages:
+    """What a coordinator without test images knows of them: the class list and the image shape, both
+    from the consortium's config. The sites evaluate the classifier on their own images."""
+    d = cfg["data"]
+    if not d["classes"] or d["size"] <= 0 or d["channels"] not in (1, 3):
+        raise FedFactoryError("a coordinator without a test set takes the images' shape and classes from the config: "
+                              "set data.classes, data.size and data.channels (1 or 3), or give a test set")
+    return LabelledImages(NO_TEST_SET, np.zeros((0, d["size"], d["size"], d["channels"]), np.uint8),
+                          np.zeros(0, np.int64), list(d["classes"]))
+
+
+def test_set_for(cfg: dict, source: str) -> LabelledImages:
+    """The coordinator's test set, or, for source "none", none (see no_test_set)."""
+    return no_test_set(cfg) if source == NO_TEST_SET else load_test_set(cfg, source)
 
 
 def module_limits(cfg: dict, test: LabelledImages) -> Limits:
@@ -188,13 +211,14 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
         clf_stats = {cid: s for cid, (_, s) in chosen.items()}
     for name, net in nets.items():  # the classifiers are the product: keep their weights (safetensors)
         atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", classifier_to_bytes(net, name))
-    probas = [predict_log_proba(net, test.images, kw["device"], kw["bf16"]) for net in nets.values()]
-    log_proba = probas[0] if cfg["classifier"]["mode"] == "server" else product_of_experts(probas)
-    if synth.missing_classes:  # a class no module covers is never predicted
-        log_proba[:, synth.missing_classes] = -np.inf
-        log_proba -= np.logaddexp.reduce(log_proba, axis=1, keepdims=True)
+    model = FederatedClassifier(nets, test.class_names, test.image_shape, cfg["classifier"]["mode"],
+                                synth.missing_classes, cfg["classifier"]["preset"], cfg["classifier"]["width"])
+    blob = model.to_bytes()
+    atomic_write_bytes(run_dir / MODEL, blob)  # what goes back to every site
+    metrics = None
+    if len(test.labels):
+        metrics = evaluate(test.labels, model.predict_log_proba(test.images, kw["device"], kw["bf16"]), num_classes)
     timings["classifier"] = time.perf_counter() - t
-    metrics = evaluate(test.labels, log_proba, num_classes)
     quality = {"note": "not measured: it needs a classifier trained on real training data, which only a "
                        "simulated federation has (quality.reference_budget > 0)"}
     if reference is not None:
@@ -215,13 +239,16 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
                for m in modules}
     results = {
         "library_version": __version__, "config": cfg,
-        "dataset": {"name": test.name if test_source else cfg["data"]["name"],
+        "dataset": {"name": (test.name if test_source != NO_TEST_SET else "sites' own data") if test_source
+                    else cfg["data"]["name"],
                     # a simulated federation partitions a public data set; otherwise each site had its own
                     "partition": "sites' own data" if test_source else cfg["partition"]["scheme"],
                     "image_shape": list(test.image_shape), "class_names": test.class_names,
                     "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
         "test": {"source": test_source, "name": test.name, "images": len(test.labels), "sha256": images_digest(test)},
         "metrics": metrics,
+        "evaluation": {"by": "coordinator" if metrics else "sites", "sites": {}},
+        "model": {"file": MODEL, "sha256": hashlib.sha256(blob).hexdigest()},
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "clients": clients, "modules": mods,
         "missing_classes": synth.missing_classes,
@@ -235,11 +262,46 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
                           if cfg["classifier"]["mode"] == "local" else 0},
     }
     synthetic_vs_real(run_dir / "samples.png", synth.images, synth.labels, test.images, test.labels, num_classes)
-    confusion_png(run_dir / "confusion.png", metrics["confusion_matrix"], test.class_names,
-                  f"{test.name} {cfg['classifier']['mode']} mode: accuracy {metrics['accuracy']:.3f}")
+    return write_results(run_dir, results)
+
+
+def write_results(run_dir: Path, results: dict) -> dict:
+    """results.json, report.md and, once there are metrics, the confusion matrix picture."""
+    m, names = results["metrics"], results["dataset"]["class_names"]
+    if m:
+        confusion_png(run_dir / "confusion.png", m["confusion_matrix"], names,
+                      f"{results['dataset']['name']} {results['config']['classifier']['mode']} mode: "
+                      f"accuracy {m['accuracy']:.3f}")
     atomic_write_json(run_dir / "results.json", results)
-    write_report(run_dir, results, test.class_names)
+    write_report(run_dir, results, names)
     return results
+
+
+def pool_site_evaluations(run_dir: Path, answers: dict[str, dict]) -> dict:
+    """The sites' evaluations (client id -> site_counts; from peers, so checked) into the run's results:
+    each site's metrics, test images and counts, and, when the coordinator has no test set, the metrics
+    pooled over every site that answered (a site that answers again replaces its earlier answer)."""
+    results = load_results(run_dir)
+    k, model_sha = len(results["dataset"]["class_names"]), results["model"]["sha256"]
+    sites = results["evaluation"]["sites"]
+    for cid, counts in sorted(answers.items()):
+        where = f"the evaluation of site {cid}"
+        claim = counts.get("model_sha256") if isinstance(counts, dict) else None
+        if claim != model_sha:
+            raise FedFactoryError(f"{where} is of another classifier (model_sha256 {str(claim)[:16]}..., this "
+                                  f"run's is {model_sha[:16]}...)")
+        checked = check_counts(counts, k, where)
+        with warnings.catch_warnings():  # a site that tests on its own classes only: sklearn says so, expectedly
+            warnings.simplefilter("ignore", UserWarning)
+            sites[cid] = {"images": int(checked[0].sum()), "metrics": pooled_metrics([checked], k), "counts": counts}
+    if results["evaluation"]["by"] == "sites":
+        if not sites:
+            raise FedFactoryError("no site sent an evaluation, so the run has no metrics: give a site test images, "
+                                  "or the coordinator a test set")
+        results["metrics"] = pooled_metrics([check_counts(s["counts"], k, c) for c, s in sorted(sites.items())], k)
+        results["test"].update({"source": "sites", "name": "the sites' own test images",
+                                "images": sum(s["images"] for s in sites.values())})
+    return write_results(run_dir, results)
 
 
 def load_results(run_dir: Path) -> dict:

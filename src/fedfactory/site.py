@@ -8,6 +8,9 @@
     # local mode only: the other sites' modules come back; the site trains its expert
     synth = synthesize_for_site(cfg, other_modules, num_classes)
     expert, stats = train_expert(cfg, "hospital-3", images, labels, num_classes, synth)
+    # the classifier comes home: the site evaluates it on its own test images and sends counts only
+    test_x, test_y = load_site_test(model, "/data/hospital-3-test")
+    answer = evaluate_at_site(model, test_x, test_y, "hospital-3")
 
 Labels are global class ids: a class's place in the federation's class list (`data.classes`).
 """
@@ -19,12 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from .classify import train_classifier
+from .classify.model import FederatedClassifier
 from .data.folder import load_labelled
 from .errors import FedFactoryError
+from .evaluate import site_counts
 from .factory import SyntheticSet, synthesize
 from .modules import GenerativeModule, module_kinds
 from .modules.fileformat import check_client_id
 from .privacy.audit import ADVICE, audit, holdout_split, verdict, write_site_report
+from .modules.base import resolve_device, use_bf16
 from .runtime import classifier_kw
 
 
@@ -121,3 +127,22 @@ def train_expert(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarr
     x = np.concatenate([images, synth.images[lacking]])
     y = np.concatenate([labels, synth.labels[lacking]])
     return train_classifier(x, y, num_classes, cfg["classifier"], cfg["seed"], client_id, **classifier_kw(cfg, augment))
+
+
+def load_site_test(model: FederatedClassifier, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The site's own test images, read as the classifier needs them (its classes, size and channels)."""
+    h, w, c = model.image_shape
+    if h != w:
+        raise FedFactoryError(f"the classifier takes {h} x {w} images; site folders are resized to squares")
+    return load_labelled(source, model.class_names, split="test", size=h, channels=c)
+
+
+def evaluate_at_site(model: FederatedClassifier, images: np.ndarray, labels: np.ndarray, client_id: str,
+                     runtime: dict | None = None) -> dict:
+    """What the site sends back about the classifier: counts on its own test images (evaluate.site_counts),
+    never an image or a per-image score."""
+    rt = runtime or {"device": "auto", "bf16": "auto"}
+    device = resolve_device(rt["device"])
+    log_proba = model.predict_log_proba(images, device, use_bf16(device, rt["bf16"]))
+    return {"format": "fedfactory-site-evaluation", "client_id": check_client_id(client_id),
+            "model_sha256": model.file_sha256, **site_counts(labels, log_proba, model.num_classes)}

@@ -117,6 +117,7 @@ class GenerativeModule(ABC):
         self.stats: dict = {}
         self.privacy: dict = {}  # {"audit": ..., "dp": ...}: what the module reveals (privacy/)
         self.audit_pairs: list | None = None  # the audit's closest pairs (training images): never saved with it
+        self.site: dict = {}  # the site's terms: its policy and the config it trained under (policy.py)
 
     # -- what a kind defines ------------------------------------------------------------
     @abstractmethod
@@ -272,6 +273,7 @@ class GenerativeModule(ABC):
             "classes": self.classes, "counts": self.counts,
             "training": {**self.train_cfg, "seed": self.seed, "bf16": self.bf16}, "stats": self.stats,
             **({"privacy": self.privacy} if self.privacy else {}),
+            **({"site": self.site} if self.site else {}),
         }
 
     def save(self, path: str | Path) -> dict:
@@ -295,6 +297,7 @@ class GenerativeModule(ABC):
         m.image_shape = tuple(int(s) for s in manifest["image_shape"])
         m.stats = manifest.get("stats", {})
         m.privacy = manifest.get("privacy", {})
+        m.site = manifest.get("site", {}) if isinstance(manifest.get("site"), dict) else {}
         return m
 
 

@@ -21,7 +21,7 @@ from ..registry import append_audit, read_registry, verify
 from ..report import METRICS, write_report
 from ..utils import atomic_write_json, atomic_write_text
 from ..runtime import setup_runtime
-from ..server import build, load_results, load_test_set, images_digest, shard_store
+from ..server import NO_TEST_SET, build, images_digest, load_results, shard_store, test_set_for
 
 
 def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, reason: str = "",
@@ -57,9 +57,10 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
 
     setup_runtime(cfg)
     t = time.perf_counter()
-    source = before.get("test", {}).get("source", "")
-    test = load_test_set(cfg, source)  # the run's own test set, never a training image
-    if before.get("test", {}).get("sha256") not in (None, images_digest(test)):
+    by_sites = before.get("evaluation", {}).get("by") == "sites"  # then the sites evaluate the rebuilt run
+    source = NO_TEST_SET if by_sites else before.get("test", {}).get("source", "")
+    test = test_set_for(cfg, source)  # the run's own test set, never a training image
+    if not by_sites and before.get("test", {}).get("sha256") not in (None, images_digest(test)):
         raise FedFactoryError(f"the test set at {source or cfg['data']['name']} changed since the run was built")
     cfg["partition"]["exclude"] = sorted(set(cfg["partition"]["exclude"]) | {client})
     if orphans:
@@ -96,10 +97,15 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
         lines += [f"Classes that lost their only module, now never predicted: "
                   f"**{', '.join(names[c] for c in orphans)}**.", ""]
     results = build(cfg, modules, test, out, timings, test_source=source, reference=reference)
-    lines += ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {k} | {before['metrics'][k]:.4f} | {results['metrics'][k]:.4f} |" for k in METRICS]
+    if results["metrics"]:
+        lines += ["| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {k} | {before['metrics'][k]:.4f} | {results['metrics'][k]:.4f} |" for k in METRICS]
+    else:
+        lines += ["The sites evaluate the rebuilt classifier as they did the first (`fedfactory site evaluate`, then "
+                  "`fedfactory server pool`).", ""]
     results["unlearning"] = {"client": client, "reason": reason, "orphaned_classes": orphans, "source_run": str(run_dir),
-                             "run_dir": str(out), "metrics_before": {k: before["metrics"][k] for k in METRICS}}
+                             "run_dir": str(out),
+                             "metrics_before": {k: before["metrics"][k] for k in METRICS} if before["metrics"] else None}
     atomic_write_json(out / "results.json", results)
     write_report(out, results, names, extra="\n".join(lines))
     return results

@@ -20,9 +20,12 @@ MAX_MANIFEST_CHARS = 1 << 20
 MAX_CONFIG_CHARS = 1 << 20
 
 
-# The two phases of a site's work. "module": fit the generative module and reply with it (the one
+# The phases of a site's work. "module": fit the generative module and reply with it (the one
 # round). "expert" (local mode only): receive the other sites' modules, train the local classifier.
-PHASES = ("module", "expert")
+# "evaluate": receive the federation's classifier, keep it, and reply with counts on the site's own
+# test images. "result": receive the run's report and metrics, keep them.
+PHASES = ("module", "expert", "evaluate", "result")
+MAX_ANSWER_CHARS = 64 << 20
 
 
 def config_content(config_toml: str, phase: str, modules: list[tuple[bytes, dict]] = (),
@@ -165,3 +168,49 @@ def _checked(blob: bytes, manifest: dict) -> tuple[bytes, dict]:
         claim = manifest.get("weights_sha256") if isinstance(manifest, dict) else None
         raise FedFactoryError(f"module bytes hash to {digest[:16]}..., its manifest says {str(claim)[:16]!r}...")
     return blob, manifest
+
+
+def evaluate_content(config_toml: str, model_blob: bytes) -> RecordDict:
+    content = config_content(config_toml, "evaluate")
+    content["model"] = _blob_record(model_blob)
+    return content
+
+
+def read_model_blob(content: RecordDict) -> bytes:
+    try:
+        return _blob(_record(content, "model", ArrayRecord, "evaluate"))
+    except FedFactoryError as e:
+        raise FedFactoryError(f"malformed classifier message: {e}") from None
+
+
+def answer_content(answer: dict | None) -> RecordDict:
+    """A site's evaluation (counts only), or null for a site with no test images."""
+    return RecordDict({"evaluation": ConfigRecord({"json": json.dumps(answer)})})
+
+
+def read_answer(content: RecordDict) -> dict | None:
+    text = _record(content, "evaluation", ConfigRecord, "evaluation").get("json")
+    if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
+        raise FedFactoryError(f"malformed evaluation: JSON text of at most {MAX_ANSWER_CHARS:,} characters expected")
+    try:
+        answer = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise FedFactoryError(f"malformed evaluation: {type(e).__name__}") from None
+    if answer is not None and not isinstance(answer, dict):
+        raise FedFactoryError("malformed evaluation: a JSON object or null expected")
+    return answer
+
+
+def result_content(config_toml: str, report: str, metrics: dict) -> RecordDict:
+    content = config_content(config_toml, "result")
+    content["result"] = ConfigRecord({"report": report, "metrics": json.dumps(metrics)})
+    return content
+
+
+def read_result(content: RecordDict) -> tuple[str, str]:
+    """The report (Markdown) and the metrics (JSON text) the coordinator sends home."""
+    rec = _record(content, "result", ConfigRecord, "result")
+    report, metrics = rec.get("report"), rec.get("metrics")
+    if not (isinstance(report, str) and isinstance(metrics, str) and len(report) + len(metrics) <= MAX_ANSWER_CHARS):
+        raise FedFactoryError("malformed result message: a report and metrics as text expected")
+    return report, metrics

@@ -5,7 +5,7 @@ report). It holds the modules and a test set, never a training image.
 Run config ([tool.flwr.app.config] in app/pyproject.toml, or flwr run --run-config):
 config (path of a fedfactory TOML), overrides ("key=value;key=value"), out (run folder),
 test (the server's test set: a folder, CSV or .npz, or a data set name; empty = the config's data
-set's test split), resume (keep the modules already received and verified in out), node-map
+set's test split; "none" = no test images at the coordinator: the sites evaluate), resume (keep the modules already received and verified in out), node-map
 ("NODE_ID=CLIENT_ID;..."), num-nodes, wait-timeout and train-timeout (seconds).
 """
 
@@ -27,8 +27,9 @@ from ...modules.fileformat import check_client_id, is_module_dir, write_module_d
 from ...modules.limits import Limits
 from ...registry import read_registry, register
 from ...runtime import setup_runtime
-from ...server import build, check_audit, load_test_set, module_limits, start_run
-from .messages import config_content, read_have_reply, read_module, read_weights_blob
+from ...server import MODEL, build, check_audit, module_limits, pool_site_evaluations, start_run, test_set_for
+from .messages import (config_content, evaluate_content, read_answer, read_have_reply, read_module, read_weights_blob,
+                       result_content)
 
 app = ServerApp()
 
@@ -174,6 +175,34 @@ def collect_experts(grid: Grid, modules, owners: dict, cfg: dict, num_classes: i
     return experts, failures
 
 
+def collect_evaluations(grid: Grid, owners: dict, cfg: dict, out: Path, timeout: float) -> tuple[dict, dict]:
+    """The classifier goes home to every site; a site with test images of its own answers with counts.
+    Returns the answers by client id (each named by the server's idea of the node, not its own) and failures."""
+    blob, text = (out / MODEL).read_bytes(), dumps(cfg)
+    messages = [Message(evaluate_content(text, blob), dst_node_id=nid, message_type="train") for nid in owners.values()]
+    replies, failures = _exchange(grid, messages, timeout)
+    answers = {}
+    for cid, nid in owners.items():
+        if nid not in replies:
+            continue
+        try:
+            answer = read_answer(replies[nid].content)
+        except FedFactoryError as e:
+            failures[nid] = f"evaluation rejected: {e}"
+            continue
+        if answer is not None:
+            answers[cid] = {**answer, "client_id": cid}
+    return answers, failures
+
+
+def send_results(grid: Grid, owners: dict, cfg: dict, out: Path, results: dict, timeout: float) -> dict:
+    """The report and the metrics go home to every site, beside its classifier."""
+    report = (out / "report.md").read_text()
+    messages = [Message(result_content(dumps(cfg), report, results["metrics"] or {}), dst_node_id=nid,
+                        message_type="train") for nid in owners.values()]
+    return _exchange(grid, messages, timeout)[1]
+
+
 def _report(failures: dict) -> None:
     for nid, why in failures.items():
         print(f"fedfactory: node {nid}: {why}", flush=True)
@@ -230,7 +259,7 @@ def serve(grid: Grid, rc: dict) -> None:
     setup_runtime(cfg)
     t = time.perf_counter()
     test_source = str(rc.get("test", ""))
-    test = load_test_set(cfg, test_source)  # before any site trains: a bad test set fails at once
+    test = test_set_for(cfg, test_source)  # before any site trains: a bad test set fails at once
     timings = {"data": time.perf_counter() - t}
     nodes = wait_for_nodes(grid, int(rc["num-nodes"]), float(rc["wait-timeout"]))
     assigned = identities(grid, nodes, str(rc.get("node-map", "")))
@@ -250,4 +279,9 @@ def serve(grid: Grid, rc: dict) -> None:
         timings["experts"] = time.perf_counter() - t
         _report(failures)  # a missing expert: build() leaves it out or fails, by classifier.missing_experts
     results = build(cfg, modules, test, out, timings, experts=experts, test_source=test_source)
+    answers, failures = collect_evaluations(grid, owners, cfg, out, float(rc["train-timeout"]))
+    _report(failures)  # a site that did not evaluate is named; the metrics say which sites they cover
+    if answers or not results["metrics"]:
+        results = pool_site_evaluations(out, answers)
+    _report(send_results(grid, owners, cfg, out, results, float(rc["train-timeout"])))
     print(f"fedfactory: accuracy {results['metrics']['accuracy']:.4f}; report: {out / 'report.md'}", flush=True)
