@@ -1,10 +1,11 @@
-"""What the server (the coordinator) does: it holds the sites' modules and a test set, never a
-training image.
+"""What the server (the coordinator) does: it holds the sites' modules and, maybe, a test set; never
+a training image.
 
     check_new_run_dir(run_dir)
-    test = load_test_set(cfg, "/data/test")                     # or the config's data set's test split
+    test = test_set_for(cfg, "/data/test")                      # or "none": the sites evaluate
     modules = [receive_module(run_dir, d) for d in module_dirs]   # verified, registered
     results = build(cfg, modules, test, run_dir, timings)        # synthesis, classifier, evaluation, report
+    results = pool_site_evaluations(run_dir, answers)             # the sites' counts on their own test images
 
 In local mode the sites send their expert classifiers; a site with no expert is left out of the
 Product of Experts or fails the run (`classifier.missing_experts`). Nothing is ever trained here

@@ -1,6 +1,7 @@
 """The ServerApp wraps the server: wait for the sites, send one train message each, verify and store
 every module, then run the same server code as `fedfactory run` (synthesis, classifier, evaluation,
-report). It holds the modules and a test set, never a training image.
+report); then send the classifier home to every site, pool the counts the sites send about their own
+test images, and send the report home. It holds the modules and maybe a test set, never a training image.
 
 Run config ([tool.flwr.app.config] in app/pyproject.toml, or flwr run --run-config):
 config (path of a fedfactory TOML), overrides ("key=value;key=value"), out (run folder),
