@@ -158,16 +158,131 @@ def evaluation_lines(results: dict) -> list[str]:
     return lines
 
 
+def model_lines(results: dict, class_names: list[str]) -> list[str]:
+    """What the classifier is and how to use it: the model card's first section."""
+    cfg, ds, model = results["config"], results["dataset"], results.get("model", {})
+    h, w, c = ds["image_shape"]
+    clf, nets = cfg["classifier"], sorted(results.get("classifier", {}))
+    arch = f"ResNet ({clf['preset']} preset" + (f", width {clf['width']})" if clf["width"] else ")")
+    decides = (f"one {arch} trained at the server on the synthetic images" if clf["mode"] == "server" else
+               f"a Product of Experts of {len(nets)} site experts, each a {arch}: the sum of their log-softmax, "
+               f"renormalised ({', '.join(nets)})")
+    missing = [class_names[i] for i in results.get("missing_classes", [])]
+    f = model.get("file", "model.safetensors")
+    return ["## Model", "", "| | |", "|---|---|",
+            f"| file | `{f}`" + (f" (SHA-256 `{model['sha256'][:16]}`)" if model.get("sha256") else "") +
+            f", fedfactory {results.get('library_version', '?')} |",
+            f"| decision | {decides} |",
+            f"| input | uint8 {h} x {w} x {c} images ({'grey' if c == 1 else 'colour'}); `fedfactory predict` and "
+            f"`load_classifier` resize other sizes bilinearly, as the sites' loaders do; pixels map to [-1, 1] "
+            f"as x / 127.5 - 1 |",
+            f"| output | a probability for each of {len(class_names)} classes: {', '.join(class_names)} |",
+            f"| never predicted | {', '.join(missing) or 'none'} |",
+            f"| use | `fedfactory predict {f} --images DIR --out predictions.csv`; `fedfactory export {f} --format "
+            f"onnx --out model.onnx`; in Python `fedfactory.load_classifier(\"{f}\").predict_proba(images)` |", ""]
+
+
+def intended_use_lines(results: dict, class_names: list[str]) -> list[str]:
+    k = len(class_names)
+    return ["## Intended use", "",
+            f"Sorting images like the sites' own ({results['dataset']['name']}) into its {k} classes "
+            f"({', '.join(class_names)}), for research and for validation at each site. It is not a medical "
+            "device and no clinical decision should rest on it: a site evaluates it on its own labelled images first "
+            "(`fedfactory predict` on class folders prints the accuracy). It always answers one of its "
+            f"{k} classes, so an image of anything else (another finding, body part or modality) still gets one.", ""]
+
+
+def limitation_lines(results: dict, class_names: list[str]) -> list[str]:
+    """What the classifier was trained on, where it was evaluated, and what was not tested."""
+    cfg, test, ev = results["config"], results["test"], results.get("evaluation", {"by": "coordinator", "sites": {}})
+    synth = results.get("synthetic", {}).get("images", 0)
+    if cfg["classifier"]["mode"] == "server":
+        trained = (f"**Trained on synthetic images only**: {synth:,} images drawn from the sites' generative modules. "
+                   "The classifier never saw a real image, so what the modules did not learn of a class it does not know.")
+    else:
+        trained = ("**Each expert was trained on its site's real images plus synthetic images** of the classes the site "
+                   "lacks, drawn from the other sites' modules; no expert saw another site's real images.")
+    if not results["metrics"]:
+        where = "**Not evaluated yet**: no site has sent an evaluation."
+    elif ev["by"] == "sites":
+        where = ("**Evaluated by the sites** on their own test images: " +
+                 ", ".join(f"{cid} ({s['images']})" for cid, s in ev["sites"].items()) + ".")
+    elif not test.get("source"):
+        where = (f"**Evaluated on the held-out test split of {cfg['data']['name']}**, the public data set the simulated "
+                 f"sites were cut from ({test['images']:,} images): the same source as the training images.")
+    else:
+        where = f"**Evaluated at the coordinator** on {test['name']} ({test['images']:,} images)."
+    totals = np.sum(list(results["clients"].values()), axis=0) if results["clients"] else np.zeros(len(class_names))
+    low = int(np.argmin(totals))
+    lines = ["## Limitations", "", f"- {trained}", f"- {where}",
+             f"- The fewest real training images were of {class_names[low]} ({int(totals[low]):,}); a class's "
+             "synthetic images are only as varied as its modules' training images.",
+             "- **Not tested**: images from other hospitals, scanners, protocols or populations than the sites'; "
+             "subgroups (age, sex: the data holds no such fields); images of none of the classes; corrupted or "
+             "adversarial inputs; drift over time; calibration (the probabilities are the networks' softmax, not "
+             "calibrated)."]
+    if results.get("missing_classes"):
+        lines.append(f"- Never predicted (no module covered them): {', '.join(class_names[c] for c in results['missing_classes'])}.")
+    if not any("dp" in m.get("privacy", {}) for m in results["modules"]):
+        lines.append("- No module was trained with differential privacy: the site audits measure leaks, they bound nothing.")
+    return lines + [""]
+
+
+def per_class_lines(results: dict, class_names: list[str]) -> list[str]:
+    m = results["metrics"]
+    cm = np.asarray(m["confusion_matrix"]) if m else None
+    holders = {c: [mod["client"] for mod in results["modules"] if c in mod["classes"]] for c in range(len(class_names))}
+    totals = np.sum(list(results["clients"].values()), axis=0) if results["clients"] else np.zeros(len(class_names), int)
+    lines = ["## Per class", "", "| class | real training images | test accuracy (recall) | precision | test images | modules |",
+             "|---|---|---|---|---|---|"]
+    for c, name in enumerate(class_names):
+        acc = m["per_class_accuracy"][c] if m else None
+        prec = cm[c, c] / cm[:, c].sum() if m and cm[:, c].sum() else None
+        lines.append(f"| {name} | {int(totals[c]):,} | {'-' if acc is None else f'{acc:.3f}'} | "
+                     f"{'-' if prec is None else f'{prec:.3f}'} | {int(cm[c].sum()) if m else '-'} | "
+                     f"{', '.join(holders[c]) or 'none'} |")
+    return lines + [""]
+
+
+def mix_lines(results: dict, class_names: list[str]) -> list[str]:
+    """Who decided each shared class's synthetic images: the consortium's agreement, the share cap, and the
+    modules' check of each other (crosscheck.py)."""
+    f = results["config"]["factory"]
+    shared = [c for c in range(len(class_names)) if sum(c in mod["classes"] for mod in results["modules"]) > 1]
+    if not shared:
+        return []
+    lines = ["## Classes that several sites hold", ""]
+    if results.get("agreement"):
+        lines.append(f"Every module was within its site's agreement in the consortium's roster ({results['agreement']}).")
+    elif f["aggregation"] == "weighted":
+        lines.append("**No consortium agreement** (`federation.roster`): each site's declared counts decide the mix "
+                     f"of a class it shares, bounded only by `factory.max_share` = {f['max_share']:g}.")
+    check = results.get("crosscheck") or {}
+    if check.get("flagged"):
+        lines.append("The modules' check of each other flagged " + "; ".join(
+            f"**{cid}** on {', '.join(class_names[c] for c in cs)}" for cid, cs in check["flagged"].items()) +
+            (f"; untrusted (flagged on most of what it shares): **{', '.join(check['untrusted'])}**" if check["untrusted"] else "")
+            + (". Their draws were left out of synthesis." if check.get("dropped") else ". Reported only (`factory.outliers = \"flag\"`)."))
+    elif check.get("checked"):
+        lines.append("The modules that share a class checked each other's draws of it; none was flagged.")
+    return lines + ["A class that only one site holds cannot be checked by anyone.", ""]
+
+
 def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
+    """report.md, a model card: the model, its intended use, metrics (overall, per class, per site), the data
+    by site, privacy, module quality, limitations, timings and pictures."""
     m = results["metrics"]
     cfg = results["config"]
     lines = [
-        f"# FederatedFactory run: {results['dataset']['name']}, {results['dataset']['partition']}, "
-        f"{len(results['clients'])} clients, {cfg['classifier']['mode']} mode",
+        f"# Model card: FederatedFactory classifier, {results['dataset']['name']}, {results['dataset']['partition']}, "
+        f"{len(results['clients'])} sites, {cfg['classifier']['mode']} mode",
         "",
         f"Seed {cfg['seed']}; {cfg['module']['kind']} modules ({cfg['module']['preset']} preset); "
         f"{cfg['factory']['per_class']} synthetic images per class; one round of module exchange.",
         "",
+        *model_lines(results, class_names),
+        *intended_use_lines(results, class_names),
+        "## Metrics", "",
         *evaluation_lines(results),
     ]
     if extra:
@@ -175,21 +290,19 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     if results.get("missing_classes"):
         names = ", ".join(class_names[c] for c in results["missing_classes"])
         lines += [f"**Classes no module covers (left out of synthesis, never predicted):** {names}", ""]
-    lines += ["## Per class", "", "| class | test accuracy | modules |", "|---|---|---|"]
-    holders = {c: [mod["client"] for mod in results["modules"] if c in mod["classes"]] for c in range(len(class_names))}
-    for c, name in enumerate(class_names):
-        acc = m["per_class_accuracy"][c] if m else None
-        lines.append(f"| {name} | {'-' if acc is None else f'{acc:.3f}'} | {', '.join(holders[c]) or 'none'} |")
-    lines += ["", "## Clients (real training images per class)", "",
-              "| client | " + " | ".join(n[:10] for n in class_names) + " |",
-              "|---|" + "---|" * len(class_names)]
-    lines += [f"| {cid} | " + " | ".join(map(str, cnt)) + " |" for cid, cnt in results["clients"].items()]
+    lines += per_class_lines(results, class_names)
+    lines += ["## Data by site (real training images per class; they never left the site)", "",
+              "| site | " + " | ".join(n[:10] for n in class_names) + " | total |",
+              "|---|" + "---|" * (len(class_names) + 1)]
+    lines += [f"| {cid} | " + " | ".join(map(str, cnt)) + f" | {sum(cnt)} |" for cid, cnt in results["clients"].items()]
     lines += ["", "## Modules", "", "| client | classes | SHA-256 | bytes |", "|---|---|---|---|"]
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
+    lines += ["", *mix_lines(results, class_names)]
     lines += ["", *privacy_table(results["modules"], results["config"]["classifier"]["mode"] == "local")]
     if "quality" in results:
         lines += quality_table(results["quality"], class_names, m["accuracy"] if m else float("nan"))
-    lines += ["", "## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
+    lines += limitation_lines(results, class_names)
+    lines += ["## Wall time (seconds)", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
     real = results["test"]["images"] and results.get("evaluation", {}).get("by") != "sites"
     lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:" if real
