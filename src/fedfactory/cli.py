@@ -214,6 +214,32 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_predict(args) -> int:
+    from .classify.model import load_classifier_file
+    from .predict import predict_to_csv
+
+    model = load_classifier_file(args.classifier)
+    s = predict_to_csv(model, args.images, args.out, args.device, args.bf16)
+    print(f"{s['images']} images: a class and {model.num_classes} probabilities each in {args.out}")
+    if s["labelled"]:
+        print(f"accuracy {s['accuracy']:.4f} ({s['correct']} of {s['images']} images as labelled)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .classify.model import load_classifier_file
+    from .export import check_onnx, to_onnx
+    from .utils import atomic_write_bytes
+
+    model = load_classifier_file(args.classifier)
+    blob = to_onnx(model)
+    diff = check_onnx(model, blob)
+    atomic_write_bytes(args.out, blob)
+    print(f"ONNX model in {args.out}: images uint8 N x {' x '.join(map(str, model.image_shape))} (resize beforehand) "
+          f"-> probabilities over {', '.join(model.class_names)}; onnxruntime matches torch within {diff:.1g}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfactory", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"fedfactory {__version__}")
@@ -338,6 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("verify", help="re-check every module's SHA-256 against the run's registry")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("predict", help="the classifier's class and probabilities for every image, as a CSV")
+    s.add_argument("classifier", help="a classifier file (a run's model.safetensors)")
+    s.add_argument("--images", required=True, help="a folder (one subfolder per class, or images at any depth), "
+                   "an image or DICOM file, a CSV of path[,label], or an .npz (its test images)")
+    s.add_argument("--out", required=True, help="the CSV to write: path, predicted, p_<class> ...")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="as runtime.bf16 (auto: the run's)")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("export", help="the classifier for use outside Python (ONNX, checked against torch)")
+    s.add_argument("classifier", help="a classifier file (a run's model.safetensors)")
+    s.add_argument("--format", default="onnx", choices=["onnx"])
+    s.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    s.set_defaults(func=cmd_export)
 
     args = p.parse_args(argv)
     try:

@@ -4,6 +4,7 @@
     blob = model.to_bytes()                          # safetensors: weights + one JSON metadata key
     model = FederatedClassifier.from_bytes(blob)     # checked before anything is built
     labels = model.predict(images)                   # uint8 N x H x W x C in, class ids out
+    proba = model.predict_proba(["a.png", "b.dcm"])  # or image files, read and resized as the sites' loaders
 
 A file holds one network (server mode) or the sites' experts (local mode, combined as a Product of
 Experts), the class names, the image shape, the preprocessing and the classes that no module
@@ -24,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import __version__
+from ..data.folder import load_files
 from ..errors import FedFactoryError
 from ..modules.fileformat import check_client_id
 from .networks import PRESETS, ResNet
@@ -52,9 +54,15 @@ class FederatedClassifier:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def predict_log_proba(self, images: np.ndarray, device="cpu", bf16: bool = False) -> np.ndarray:
+    @property
+    def classes_(self) -> np.ndarray:
+        """scikit-learn's name: what predict returns (class ids; class_names[i] names id i)."""
+        return np.arange(self.num_classes)
+
+    def predict_log_proba(self, images, device="cpu", bf16: bool = False) -> np.ndarray:
         """Log-probabilities per class (float64): one network's, or the experts' product; classes no
-        module covered get -inf."""
+        module covered get -inf. images: uint8 N x H x W x C, or image file paths (one or a list)."""
+        images = self._as_images(images)
         self._check_images(images)
         probas = [predict_log_proba(net, images, device, bf16) for net in self.nets.values()]
         log_proba = probas[0] if self.mode == "server" else product_of_experts(probas)
@@ -63,11 +71,21 @@ class FederatedClassifier:
             log_proba -= np.logaddexp.reduce(log_proba, axis=1, keepdims=True)
         return log_proba
 
-    def predict_proba(self, images: np.ndarray, device="cpu", bf16: bool = False) -> np.ndarray:
+    def predict_proba(self, images, device="cpu", bf16: bool = False) -> np.ndarray:
         return np.exp(self.predict_log_proba(images, device, bf16))
 
-    def predict(self, images: np.ndarray, device="cpu", bf16: bool = False) -> np.ndarray:
+    def predict(self, images, device="cpu", bf16: bool = False) -> np.ndarray:
         return self.predict_log_proba(images, device, bf16).argmax(1)
+
+    def _as_images(self, images) -> np.ndarray:
+        """Arrays as they are; file paths read as a site's loader reads its folder (data/folder.py)."""
+        paths = [images] if isinstance(images, (str, os.PathLike)) else images
+        if isinstance(paths, np.ndarray) or not all(isinstance(f, (str, os.PathLike)) for f in paths):
+            return np.asarray(images)
+        h, w, c = self.image_shape
+        if h != w:
+            raise FedFactoryError(f"the classifier takes {h} x {w} images; files are resized to squares: pass arrays")
+        return load_files(paths, h, c)
 
     def _check_images(self, images: np.ndarray) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.image_shape):
@@ -149,7 +167,9 @@ def _description(blob: bytes, where: str) -> dict:
 
 
 def load_classifier_file(path) -> FederatedClassifier:
-    """A classifier file (a run's model.safetensors, or the copy a site keeps)."""
+    """A classifier file (a run's model.safetensors, or the copy a site keeps), checked: predict,
+    predict_proba and predict_log_proba take uint8 N x H x W x C arrays or image file paths; class_names,
+    image_shape, mode and missing_classes describe it."""
     try:
         size = os.stat(path).st_size
         if size > MAX_BYTES:

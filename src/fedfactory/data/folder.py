@@ -9,6 +9,7 @@ config fixes, so sites agree on ids without seeing each other's data.
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from pathlib import Path
 
@@ -56,23 +57,27 @@ def _folder_items(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
                 raise FedFactoryError(f"folder {sub} holds class {sub.name!r}, which is not in the federation's "
                                       f"class list {class_names}")
         return [(sub / name, ids[sub.name]) for sub in sorted(subs, key=lambda d: ids[d.name])
-                for name in sorted(f.name for f in sub.iterdir() if not f.name.startswith(".")
-                                   and f.is_file() and (f.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom(f)))]
+                for name in sorted(f.name for f in sub.iterdir() if not f.name.startswith(".") and _is_image(f))]
     except OSError as e:
         raise FedFactoryError(f"cannot list folder {root}: {one_line(e)}") from None
 
 
-def _csv_items(path: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+def _csv_items(path: Path, class_names: list[str], need_labels: bool = True) -> list[tuple[Path, int]]:
+    """(file, global id) per row; without need_labels a CSV of paths alone is read too, with id -1."""
     ids = {name: i for i, name in enumerate(class_names)}
     items = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if not {"path", "label"} <= set(reader.fieldnames or ()):
-                raise FedFactoryError(f"{path}: the header row must be 'path,label', got {reader.fieldnames}")
+            labelled = "label" in (reader.fieldnames or ())
+            if "path" not in (reader.fieldnames or ()) or (need_labels and not labelled):
+                raise FedFactoryError(f"{path}: the header row must be 'path,label'{'' if need_labels else ' or path'}, "
+                                      f"got {reader.fieldnames}")
             for row in reader:
-                where, label = f"{path} row {reader.line_num}", (row["label"] or "").strip()
-                if label in ids:
+                where, label = f"{path} row {reader.line_num}", (row.get("label") or "").strip()
+                if not labelled:
+                    gid = -1
+                elif label in ids:
                     gid = ids[label]
                 else:
                     try:
@@ -89,6 +94,52 @@ def _csv_items(path: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FedFactoryError(f"cannot read CSV {path}: {one_line(e)}") from None
     return items
+
+
+def labelled_files(source: str | Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    """The (file, global class id) pairs of class folders or a CSV, in load_labelled's order; a CSV of
+    paths alone gives id -1."""
+    p = Path(source).expanduser()
+    return _csv_items(p, class_names, need_labels=False) if p.suffix.lower() == ".csv" else _folder_items(p, class_names)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every image or DICOM file below a folder, at any depth, in sorted order (hidden entries skipped)."""
+    def fail(e: OSError):
+        raise FedFactoryError(f"cannot list folder {e.filename}: {one_line(e)}")
+
+    found = []
+    for top, subs, files in os.walk(Path(folder).expanduser(), onerror=fail):
+        subs[:] = sorted(d for d in subs if not d.startswith("."))
+        found += [Path(top) / f for f in sorted(files) if not f.startswith(".") and _is_image(Path(top) / f)]
+    return found
+
+
+def load_files(paths: list, size: int, channels: int, where: str = "", *, max_bytes: int = 8 << 30) -> np.ndarray:
+    """Image files with no labels -> uint8 N x size x size x C, read and resized as load_labelled reads a site's."""
+    return _images([(Path(p), -1) for p in paths], where or f"the {len(paths)} image files", size, channels,
+                   max_bytes)[0]
+
+
+def load_npz_images(path: str | Path, class_names: list[str], size: int, channels: int,
+                    *, max_bytes: int = 8 << 30) -> tuple[np.ndarray, np.ndarray | None]:
+    """An .npz's test images (as load_labelled's split "test"), with their labels when it holds them."""
+    path = Path(path).expanduser()
+    arrays = read_npz(path, max_bytes=8 * max_bytes)
+    if any(all(k in arrays for k in keys) for keys in NPZ_KEYS["test"]):
+        return _npz(path, class_names, "test", size, channels, max_bytes, arrays)
+    key = next((keys[0] for keys in NPZ_KEYS["test"] if keys[0] in arrays), None)
+    if key is None:
+        raise FedFactoryError(f"{path}: no test images; expected one of {[k[0] for k in NPZ_KEYS['test']]}, "
+                              f"found {sorted(arrays)[:20]}")
+    x = as_nhwc(arrays[key], f"{path} {key}")
+    if len(x) == 0:
+        raise FedFactoryError(f"{path}: {key} holds no images")
+    return _conform(x, size, channels, str(path), max_bytes), None
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and (path.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom(path))
 
 
 def _is_dicom(path: Path) -> bool:
@@ -149,10 +200,11 @@ def _images(items, where: str, size: int, channels: int, max_bytes: int) -> tupl
 
 
 def _npz(path: Path, class_names: list[str], split: str, size: int, channels: int,
-         max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+         max_bytes: int, arrays: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     if split not in NPZ_KEYS:
         raise FedFactoryError(f"{path}: split must be 'train' or 'test', got {split!r}")
-    arrays = read_npz(path, max_bytes=8 * max_bytes)  # checked before reading; 8: float64 pixels shrink to uint8
+    if arrays is None:  # checked before reading; 8: float64 pixels shrink to uint8
+        arrays = read_npz(path, max_bytes=8 * max_bytes)
     keys = next((k for k in NPZ_KEYS[split] if all(key in arrays for key in k)), None)
     if keys is None:
         raise FedFactoryError(f"{path}: no {split} arrays; expected one of "
@@ -163,15 +215,20 @@ def _npz(path: Path, class_names: list[str], split: str, size: int, channels: in
     if y.min() < 0 or y.max() >= len(class_names):
         raise FedFactoryError(f"{path}: {keys[1]} out of range [0, {len(class_names)}) of the federation's "
                               f"class list: min {y.min()}, max {y.max()}")
+    return _conform(x, size, channels, str(path), max_bytes), y
+
+
+def _conform(x: np.ndarray, size: int, channels: int, where: str, max_bytes: int) -> np.ndarray:
+    """Arrays resized to size x size and made grey or colour, as a folder's files would be."""
     c = channels or x.shape[-1]
     h, w = (size, size) if size > 0 else x.shape[1:3]
-    _check_bytes(len(x) * h * w * c, str(path), max_bytes)
+    _check_bytes(len(x) * h * w * c, where, max_bytes)
     x = resize_images(x, size)
     if c == 3 and x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     elif c == 1 and x.shape[-1] == 3:
         x = np.stack([np.asarray(Image.fromarray(img).convert("L")) for img in x])[..., None]
-    return np.ascontiguousarray(x), y
+    return np.ascontiguousarray(x)
 
 
 def _check_bytes(n: int, where: str, max_bytes: int, what: str = "the images",
