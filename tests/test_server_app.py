@@ -56,7 +56,7 @@ def as_client(blob_manifest, cid):
 
 
 def test_the_server_decides_who_a_node_is(module_bytes, tmp_path):
-    cfg = load_config(None, ["federation.clients=['client-0', 'client-1']"])
+    cfg = load_config(None, ["federation.clients=['client-0', 'client-1']", "privacy.holdout=0"])
     limits = Limits(image_shape=(8, 8, 1), num_classes=2)
     replies = {11: as_client(module_bytes, "client-0"), 22: as_client(module_bytes, "client-0"),   # a duplicate
                33: as_client(module_bytes, "client-9"), 44: as_client(module_bytes, "client-1")}   # off the roster
@@ -73,7 +73,7 @@ def test_the_server_decides_who_a_node_is(module_bytes, tmp_path):
 
 
 def test_a_resumed_run_takes_have_only_for_modules_it_holds(module_bytes, tmp_path):
-    cfg, limits = load_config(None), Limits(image_shape=(8, 8, 1), num_classes=2)
+    cfg, limits = load_config(None, ["privacy.holdout=0"]), Limits(image_shape=(8, 8, 1), num_classes=2)
     collect_modules(FakeGrid({1: as_client(module_bytes, "client-0")}), [1], cfg, tmp_path, 5, limits)
     from fedfactory.runners.flower.server_app import kept_modules
 
@@ -118,3 +118,25 @@ def test_a_site_refuses_hostile_modules_in_local_mode(module_bytes, tmp_path):
         with pytest.raises(ModuleFileError, match=why):
             client_app.train(msg, context)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital-b"]
+
+
+def test_the_consortium_agreement_and_the_audit_are_checked_by_node(module_bytes, tmp_path):
+    """A module outside its site's agreement (a class it may not declare, a count over its cap), or one
+    with no audit where the federation asks for it, is refused by node id; the others are kept."""
+    from fedfactory.roster import load_roster
+
+    (tmp_path / "roster.toml").write_text('[sites.client-0]\nclasses = { "b" = 100 }\n'
+                                          '[sites.client-1]\nclasses = { "a" = 100 }\n'
+                                          '[sites.client-2]\nclasses = { "b" = 10 }\n')
+    agreement = load_roster(tmp_path / "roster.toml", ["a", "b"])
+    limits = Limits(image_shape=(8, 8, 1), num_classes=2)
+    replies = {1: as_client(module_bytes, "client-0"), 2: as_client(module_bytes, "client-1"),
+               3: as_client(module_bytes, "client-2"), 4: as_client(module_bytes, "client-3")}
+    cfg = load_config(None, ["privacy.holdout=0"])
+    modules, owners, failures = collect_modules(FakeGrid(replies), [1, 2, 3, 4], cfg, tmp_path / "run", 5, limits,
+                                                agreement=agreement)
+    assert owners == {"client-0": 1}
+    assert "does not list" in failures[2] and "over the 10 of its agreement" in failures[3]
+    assert "not in the consortium's roster" in failures[4]
+    _, owners, failures = collect_modules(FakeGrid(replies), [1], load_config(None), tmp_path / "audited", 5, limits)
+    assert not owners and "carries no privacy audit" in failures[1]

@@ -78,6 +78,9 @@ DEFAULTS: dict = {
         "aggregation": "weighted",  # weighted | uniform: how a shared class is split over modules
         "missing_classes": "error",  # error | drop: a class that no module covers
         "keep_shards": True,        # keep each draw in RUN_DIR/synthetic/: resume and unlearn reuse it
+        "max_share": 1.0,           # the most of a class's synthetic images one module supplies while others hold it
+        "check_samples": 100,       # images per (module, class) with which modules sharing a class check each other (0 = off)
+        "outliers": "drop",         # drop | flag: a (module, class) the check flags is left out of synthesis, or only reported
     },
     "classifier": {
         "mode": "server",       # server | local (Product of Experts)
@@ -98,6 +101,7 @@ DEFAULTS: dict = {
     "federation": {              # what the server accepts from peers, and what it does when one fails
         "on_node_failure": "fail",   # fail | continue: a node that errs, stays silent or sends a refused module
         "clients": [],               # the roster: client ids allowed to upload (empty = any valid id, once each)
+        "roster": "",                # the consortium's agreement (roster.py): each site's classes, counts and key
         "max_parameters": 100_000_000,  # a module's declared network, counted before anything is built
         "max_channels": 1024,
         "max_resolution": 512,
@@ -260,6 +264,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 CHOICES = {
     "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu", "paper"),
     "factory.aggregation": ("weighted", "uniform"), "factory.missing_classes": ("error", "drop"),
+    "factory.outliers": ("drop", "flag"),
     "classifier.missing_experts": ("error", "drop"), "federation.on_node_failure": ("fail", "continue"), "data.channels": (0, 1, 3),
     "classifier.mode": ("server", "local"), "classifier.preset": ("cpu", "gpu"),
     "classifier.optimizer": ("sgd", "adamw"), "classifier.augment": ("auto", "natural", "dihedral", "none"),
@@ -267,7 +272,7 @@ CHOICES = {
     "privacy.accountant": ("prv", "rdp"),
 }
 # key -> (low, high), both inclusive
-RANGES = {"privacy.holdout": (0.0, 0.5), "privacy.max_copy_rate": (0.0, 1.0), "privacy.max_closer_to_train": (0.5, 1.0),
+RANGES = {"factory.max_share": (0.01, 1.0), "factory.check_samples": (0, 100_000), "privacy.holdout": (0.0, 0.5), "privacy.max_copy_rate": (0.0, 1.0), "privacy.max_closer_to_train": (0.5, 1.0),
           "privacy.max_mia_auc": (0.5, 1.0), "privacy.significance": (1e-12, 0.5), "privacy.epsilon": (0.0, 1e6),
           "privacy.noise_multiplier": (0.0, 1e3), "privacy.delta": (0.0, 0.5), "privacy.max_grad_norm": (1e-9, 1e9),
           "privacy.noise_multiplicity": (1, 64), "privacy.audit_samples": (1, 100_000),

@@ -34,6 +34,7 @@ class SyntheticSet:
     labels: np.ndarray          # int64 N
     sources: list[dict] = field(default_factory=list)   # {"client", "class", "n", "seed", "reused"} per draw
     missing_classes: list[int] = field(default_factory=list)
+    crosscheck: dict = field(default_factory=dict)  # the modules' check of each other (crosscheck.py)
 
     def digest(self) -> str:
         """SHA-256 of the images and labels: equal digests mean byte-identical synthetic sets."""
@@ -42,26 +43,43 @@ class SyntheticSet:
         return h.hexdigest()
 
 
-def plan(modules: list[GenerativeModule], num_classes: int, per_class: int,
-         aggregation: str = "weighted") -> tuple[dict[int, list[tuple[str, int]]], list[int]]:
+def plan(modules: list[GenerativeModule], num_classes: int, per_class: int, aggregation: str = "weighted",
+         max_share: float = 1.0, excluded=frozenset()) -> tuple[dict[int, list[tuple[str, int]]], list[int]]:
     """class -> [(client id, images to draw)], and the classes no module covers.
 
     'weighted' splits a shared class in proportion to each module's real count, 'uniform'
-    equally; remainders go by largest fraction, ties by client id, so the plan is deterministic.
+    equally; either way no module supplies more than `max_share` of a class that others also
+    hold (bounded influence: a site's declared counts cannot take a class). `excluded`: (client id,
+    class) pairs left out (crosscheck.py). Remainders go by
+    largest fraction, ties by client id, so the plan is deterministic.
     """
     out, missing = {}, []
     for c in range(num_classes):
-        holders = sorted((m.client_id, m.counts[m.classes.index(c)]) for m in modules if c in m.classes)
+        holders = sorted((m.client_id, m.counts[m.classes.index(c)]) for m in modules
+                         if c in m.classes and (m.client_id, c) not in excluded)
         if not holders:
             missing.append(c)
             continue
         weights = np.array([n if aggregation == "weighted" else 1 for _, n in holders], float)
-        exact = per_class * weights / weights.sum()
+        exact = per_class * capped_shares(weights / weights.sum(), max_share)
         take = np.floor(exact).astype(int)
         for i in sorted(range(len(holders)), key=lambda i: (-(exact[i] - take[i]), holders[i][0]))[: per_class - take.sum()]:
             take[i] += 1
         out[c] = [(cid, int(n)) for (cid, _), n in zip(holders, take) if n > 0]
     return out, missing
+
+
+def capped_shares(shares: np.ndarray, cap: float) -> np.ndarray:
+    """Shares (summing to 1) with none above `cap` (at least an equal split), the excess handed to the
+    uncapped in proportion to their shares (water-filling). A sole holder keeps everything."""
+    cap = max(cap, 1.0 / len(shares))
+    shares = shares.copy()
+    while (over := shares > cap + 1e-12).any():
+        free = ~over & (shares < cap - 1e-12)
+        excess = (shares[over] - cap).sum()
+        shares[over] = cap
+        shares[free] += excess * shares[free] / shares[free].sum() if shares[free].sum() > 0 else excess / free.sum()
+    return shares
 
 
 def module_fingerprint(m: GenerativeModule) -> dict:
@@ -158,13 +176,15 @@ class ShardStore:
 
 def synthesize(modules: list[GenerativeModule], num_classes: int, per_class: int, seed: int,
                aggregation: str = "weighted", missing_classes: str = "error", class_names=None,
-               progress: bool = True, store: ShardStore | None = None) -> SyntheticSet:
-    """`store`: where draws are kept and taken from (None: every draw is sampled)."""
+               progress: bool = True, store: ShardStore | None = None, max_share: float = 1.0,
+               excluded=frozenset()) -> SyntheticSet:
+    """`store`: where draws are kept and taken from (None: every draw is sampled); `max_share` and
+    `excluded`: see plan."""
     ids = [m.client_id for m in modules]
     if len(set(ids)) != len(ids):
         raise FedFactoryError(f"two modules share a client id: {sorted(ids)}")
     by_id = {m.client_id: m for m in modules}
-    draws, missing = plan(modules, num_classes, per_class, aggregation)
+    draws, missing = plan(modules, num_classes, per_class, aggregation, max_share, excluded)
     if missing and missing_classes == "error":
         names = [class_names[c] if class_names else str(c) for c in missing]
         raise FedFactoryError(f"no module covers class(es) {', '.join(f'{c} ({n})' for c, n in zip(missing, names))}; "

@@ -31,6 +31,7 @@ from .data import Dataset, LabelledImages, cap_per_class, load_dataset
 from .data.folder import load_labelled
 from .errors import FedFactoryError
 from .evaluate import check_counts, evaluate, pooled_metrics
+from .crosscheck import cross_check, excluded_draws
 from .factory import ShardStore, SyntheticSet, synthesize
 from .modules import GenerativeModule, load_module
 from .modules.fileformat import WEIGHTS, write_module_dir
@@ -38,6 +39,7 @@ from .modules.limits import Limits
 from .privacy import AUDIT_FRACTIONS
 from .quality import quality_report
 from .registry import register
+from .roster import check_agreement, load_roster
 from .report import confusion_png, synthetic_vs_real, write_report
 from .runtime import classifier_kw
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, derive_seed
@@ -134,24 +136,41 @@ def images_digest(test: LabelledImages) -> str:
 
 
 def check_audit(cfg: dict, module: GenerativeModule) -> None:
-    """A module whose site audit failed is refused (privacy.enforce): its site should not have sent it."""
+    """Under privacy.enforce a module is refused when its site audit failed, or when it has none although
+    the federation asks for one (privacy.holdout > 0): its site should not have sent it."""
+    if not cfg["privacy"]["enforce"]:
+        return
     a = module.privacy.get("audit")
-    if a and a.get("passed") is False and cfg["privacy"]["enforce"]:
+    if not a and cfg["privacy"]["holdout"] > 0:
+        raise FedFactoryError(f"module {module.client_id} carries no privacy audit, and the federation asks every "
+                              "site for one (privacy.holdout > 0, privacy.enforce)")
+    if a and a.get("passed") is not True:
         raise FedFactoryError(f"module {module.client_id} failed its site's privacy audit "
-                              f"({'; '.join(a.get('reasons', []))[:300]}); privacy.enforce refuses it")
+                              f"({'; '.join(map(str, a.get('reasons', [])))[:300]}); privacy.enforce refuses it")
+
+
+def federation_roster(cfg: dict, test: LabelledImages):
+    """The consortium's agreement (federation.roster), or None."""
+    return load_roster(cfg["federation"]["roster"], test.class_names) if cfg["federation"]["roster"] else None
+
+
+def check_module(cfg: dict, m: GenerativeModule, test: LabelledImages, roster=None) -> None:
+    """A module must draw images of the federation's shape, of classes in its list and within its site's
+    agreement (the roster), and must carry a passed privacy audit (privacy.enforce)."""
+    check_audit(cfg, m)
+    if tuple(m.image_shape) != test.image_shape:
+        raise FedFactoryError(f"module {m.client_id} makes {list(m.image_shape)} images, the test set "
+                              f"holds {list(test.image_shape)}: check data.size and data.channels")
+    if any(not 0 <= c < test.num_classes for c in m.classes):
+        raise FedFactoryError(f"module {m.client_id} covers class ids {m.classes}, outside the federation's "
+                              f"{test.num_classes} classes")
+    check_agreement(roster, m)
 
 
 def check_modules(cfg: dict, modules: list[GenerativeModule], test: LabelledImages) -> None:
-    """Every module must draw images of the test set's shape, of classes in the federation's list,
-    and must not have failed its site's privacy audit."""
+    roster = federation_roster(cfg, test)
     for m in modules:
-        check_audit(cfg, m)
-        if tuple(m.image_shape) != test.image_shape:
-            raise FedFactoryError(f"module {m.client_id} makes {list(m.image_shape)} images, the test set "
-                                  f"holds {list(test.image_shape)}: check data.size and data.channels")
-        if any(not 0 <= c < test.num_classes for c in m.classes):
-            raise FedFactoryError(f"module {m.client_id} covers class ids {m.classes}, outside the federation's "
-                                  f"{test.num_classes} classes")
+        check_module(cfg, m, test, roster)
 
 
 def privacy_numbers(block: dict) -> dict:
@@ -177,11 +196,17 @@ def shard_store(cfg: dict, run_dir: Path | None) -> ShardStore | None:
 
 def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int, class_names: list[str],
                    run_dir: Path | None = None):
-    """The factory: a class-balanced synthetic set from every module; with a run_dir, draws kept there
-    (a resumed or unlearned run) are taken from it instead of sampled again."""
+    """The factory: a class-balanced synthetic set from every module, after the modules that share a class
+    have checked each other (factory.check_samples; factory.outliers decides whether the flagged are
+    dropped); with a run_dir, draws kept there (a resumed or unlearned run) are taken from it."""
     f = cfg["factory"]
-    return synthesize(modules, num_classes, f["per_class"], cfg["seed"], f["aggregation"], f["missing_classes"],
-                      class_names, progress=cfg["runtime"]["progress"], store=shard_store(cfg, run_dir))
+    report = cross_check(modules, num_classes, f["check_samples"], cfg["seed"])
+    excluded = excluded_draws(report, modules) if f["outliers"] == "drop" else set()
+    synth = synthesize(modules, num_classes, f["per_class"], cfg["seed"], f["aggregation"], f["missing_classes"],
+                       class_names, progress=cfg["runtime"]["progress"], store=shard_store(cfg, run_dir),
+                       max_share=f["max_share"], excluded=excluded)
+    synth.crosscheck = {**report, "dropped": sorted([cid, c] for cid, c in excluded)} if report["checked"] else {}
+    return synth
 
 
 def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, timings: dict,
@@ -257,6 +282,8 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
                       "per_class": np.bincount(synth.labels, minlength=num_classes).tolist(), "sources": synth.sources},
         "classifier": clf_stats,
         "quality": quality,
+        "crosscheck": synth.crosscheck,
+        "agreement": cfg["federation"]["roster"] or None,
         "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
                           # local mode: every site downloads the other sites' modules
                           "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)

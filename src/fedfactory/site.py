@@ -117,7 +117,7 @@ def synthesize_for_site(cfg: dict, others: list[GenerativeModule], num_classes: 
     """Local mode: synthetic images from the other sites' modules (classes no one else holds are left out)."""
     f = cfg["factory"]
     return synthesize(others, num_classes, f["per_class"], cfg["seed"], f["aggregation"], "drop",
-                      progress=cfg["runtime"]["progress"])
+                      progress=cfg["runtime"]["progress"], max_share=f["max_share"])
 
 
 def train_expert(cfg: dict, client_id: str, images: np.ndarray, labels: np.ndarray, num_classes: int,

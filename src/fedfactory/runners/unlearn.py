@@ -78,7 +78,7 @@ def unlearn(run_dir: str | Path, client: str, out: str | Path | None = None, rea
     store = shard_store(cfg, out)
     if store is not None:  # the kept modules' draws that the new plan asks for, as they are: never the client's own
         f = cfg["factory"]
-        draws, _ = plan(modules, test.num_classes, f["per_class"], f["aggregation"])
+        draws, _ = plan(modules, test.num_classes, f["per_class"], f["aggregation"], f["max_share"])
         store.adopt(ShardStore(run_dir / "synthetic"), shard_keys(modules, draws, cfg["seed"]).values())
     timings = {"data": time.perf_counter() - t}
     reference = None

@@ -28,7 +28,9 @@ from ...modules.fileformat import check_client_id, is_module_dir, write_module_d
 from ...modules.limits import Limits
 from ...registry import read_registry, register
 from ...runtime import setup_runtime
-from ...server import MODEL, build, check_audit, module_limits, pool_site_evaluations, start_run, test_set_for
+from ...roster import check_agreement
+from ...server import (MODEL, build, check_audit, federation_roster, module_limits, pool_site_evaluations, start_run,
+                       test_set_for)
 from .messages import (config_content, evaluate_content, read_answer, read_have_reply, read_module, read_weights_blob,
                        result_content)
 
@@ -47,14 +49,14 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 
 def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float, limits: Limits,
-                    assigned: dict[int, str] | None = None, kept: dict | None = None):
+                    assigned: dict[int, str] | None = None, kept: dict | None = None, agreement=None):
     """One round: a train message to every node; verified modules in, failures by node id.
 
     The server decides who a node is, not its manifest: with an identity map (SuperNode names from
     authentication, or the run config node-map) a node may upload only as the client id assigned to
     it; without one, only as an id on the roster (federation.clients, when set) that no other node
     has claimed. A reply is written to a staging folder named by node id, verified there against
-    `limits`, and only then moved into the run. `kept`: client id -> module this run already holds
+    `limits` (and the consortium's `agreement`, the roster), and only then moved into the run. `kept`: client id -> module this run already holds
     (resume); their sites answer without training."""
     modules, owners, failures, roster, kept = [], {}, {}, cfg["federation"]["clients"], kept or {}
 
@@ -89,6 +91,7 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
             write_module_dir(staging, blob, manifest)
             module = load_module(staging, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
             check_audit(cfg, module)
+            check_agreement(agreement, module)
             (out / "modules").mkdir(exist_ok=True)
             os.replace(staging, out / "modules" / cid)
             modules.append(module)
@@ -267,7 +270,8 @@ def serve(grid: Grid, rc: dict) -> None:
     t = time.perf_counter()
     limits = module_limits(cfg, test)
     modules, owners, failures = collect_modules(grid, nodes, cfg, out, float(rc["train-timeout"]), limits, assigned,
-                                                kept_modules(cfg, out, limits) if resume else None)
+                                                kept_modules(cfg, out, limits) if resume else None,
+                                                federation_roster(cfg, test))
     timings["modules"] = time.perf_counter() - t
     _check(failures, len(nodes), cfg)
     if not modules:
