@@ -268,30 +268,6 @@ def mix_lines(results: dict, class_names: list[str]) -> list[str]:
     return lines + ["A class that only one site holds cannot be checked by anyone.", ""]
 
 
-def mix_lines(results: dict, class_names: list[str]) -> list[str]:
-    """Who decided each shared class's synthetic images: the consortium's agreement, the share cap, and the
-    modules' check of each other (crosscheck.py)."""
-    f = results["config"]["factory"]
-    shared = [c for c in range(len(class_names)) if sum(c in mod["classes"] for mod in results["modules"]) > 1]
-    if not shared:
-        return []
-    lines = ["## Classes that several sites hold", ""]
-    if results.get("agreement"):
-        lines.append(f"Every module was within its site's agreement in the consortium's roster ({results['agreement']}).")
-    elif f["aggregation"] == "weighted":
-        lines.append("**No consortium agreement** (`federation.roster`): each site's declared counts decide the mix "
-                     f"of a class it shares, bounded only by `factory.max_share` = {f['max_share']:g}.")
-    check = results.get("crosscheck") or {}
-    if check.get("flagged"):
-        lines.append("The modules' check of each other flagged " + "; ".join(
-            f"**{cid}** on {', '.join(class_names[c] for c in cs)}" for cid, cs in check["flagged"].items()) +
-            (f"; untrusted (flagged on most of what it shares): **{', '.join(check['untrusted'])}**" if check["untrusted"] else "")
-            + (". Their draws were left out of synthesis." if check.get("dropped") else ". Reported only (`factory.outliers = \"flag\"`)."))
-    elif check.get("checked"):
-        lines.append("The modules that share a class checked each other's draws of it; none was flagged.")
-    return lines + ["A class that only one site holds cannot be checked by anyone.", ""]
-
-
 def write_report(run_dir: Path, results: dict, class_names: list[str], extra: str = "") -> Path:
     """report.md, a model card: the model, its intended use, metrics (overall, per class, per site), the data
     by site, privacy, module quality, limitations, timings and pictures."""
@@ -321,7 +297,6 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += [f"| {cid} | " + " | ".join(map(str, cnt)) + f" | {sum(cnt)} |" for cid, cnt in results["clients"].items()]
     lines += ["", "## Modules", "", "| client | classes | SHA-256 | bytes |", "|---|---|---|---|"]
     lines += [f"| {mod['client']} | {mod['classes']} | `{mod['sha256'][:16]}` | {mod['bytes']} |" for mod in results["modules"]]
-    lines += ["", *mix_lines(results, class_names)]
     lines += ["", *mix_lines(results, class_names)]
     lines += ["", *privacy_table(results["modules"], results["config"]["classifier"]["mode"] == "local")]
     if "quality" in results:
