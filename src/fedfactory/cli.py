@@ -115,9 +115,13 @@ def cmd_site_train(args) -> int:
     from .runners.files import site_train
 
     m = site_train(load_config(args.config, args.set), args.data, args.out, args.client_id, args.audit_out,
-                   _policy(args))
+                   _policy(args), sign_key=args.sign_key)
     print(f"{m.client_id}: module of classes {m.classes} ({sum(m.counts)} images) in {args.out}, "
           f"SHA-256 {m.saved_manifest['weights_sha256'][:16]}")
+    if "signature" in m.saved_manifest:
+        from .signing import fingerprint
+
+        print(f"signed with {fingerprint(m.saved_manifest['signature']['public_key'])}")
     if "audit" in m.privacy:
         print(f"privacy audit: {audit_line(m.privacy['audit'])}; the site's report (it shows training images: "
               f"keep it here) in {args.audit_out or Path(args.out).parent / (Path(args.out).name + '-audit')}")
@@ -204,14 +208,21 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .registry import read_registry, verify
+    from .registry import read_registry, verify, verify_audit, verify_signatures
 
     problems = verify(args.run_dir)
     for p in problems:
         print(f"MISMATCH {p}")
     n = len(read_registry(args.run_dir)["modules"])
     print(f"{n - len(problems)} of {n} modules verified" + ("" if not problems else f", {len(problems)} failed"))
-    return 1 if problems else 0
+    failed = bool(problems)
+    for check in (verify_signatures, verify_audit):  # the modules' signatures (roster keys), the log's chain
+        problems, summary = check(args.run_dir)
+        for p in problems:
+            print(f"MISMATCH {p}")
+        print(summary)
+        failed = failed or bool(problems)
+    return 1 if failed else 0
 
 
 def cmd_predict(args) -> int:
@@ -304,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--audit-out", default="", help="the site's own audit report folder (default: <out>-audit)")
     s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
                    "coordinator may ask of it")
+    s.add_argument("--sign-key", default="", metavar="PATH", help="sign the module with this site's private key "
+                   "(OpenSSH, ECDSA P-384, e.g. its SuperNode key); the roster lists the public key")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     s.set_defaults(func=cmd_site_train)
     s = site_sub.add_parser("audit", help="audit a module against this site's images: copies, held-out test, membership")
@@ -361,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="classes only this client held: rebuild without them (drop) or stop (error)")
     s.set_defaults(func=cmd_unlearn)
 
-    s = sub.add_parser("verify", help="re-check every module's SHA-256 against the run's registry")
+    s = sub.add_parser("verify", help="re-check every module's SHA-256 against the run's registry, their "
+                       "signatures against the roster's keys, and the audit log's hash chain")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_verify)
 

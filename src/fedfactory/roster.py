@@ -4,7 +4,11 @@ most real images it may claim for each, and optionally the key its modules are s
     # roster.toml (federation.roster = "roster.toml"; paths inside are relative to this file)
     [sites.hospital-a]
     classes = { "no tumour" = 1200 }     # class name (or id) -> the largest count it may claim
-    public_key = "keys/hospital-a.pub"   # optional: its modules must carry its signature
+    public_key = "keys/hospital-a.pub"   # optional: its modules must carry its signature (signing.py)
+
+A site with a key must sign its modules with it (`site train --sign-key`, node config `sign-key`):
+an unsigned module, one signed by another key, or one changed after signing is refused. A site with
+no key listed may send unsigned modules.
 
 Under `weighted` aggregation a site's declared counts decide its share of a class's synthetic
 images, so without an agreement one site's claims decide the mix (the report says so).
@@ -22,6 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import FedFactoryError
 from .modules.fileformat import check_client_id
+from .signing import load_public_key, openssh_line, verify_manifest
 
 MAX_KEY_BYTES = 1 << 14
 
@@ -32,9 +37,7 @@ class SiteAgreement:
     public_key: str = ""      # OpenSSH one-line public key text, "" = unsigned modules accepted
 
 
-def load_roster(path: str | Path, class_names: list[str]) -> dict[str, SiteAgreement]:
-    """client id -> its agreement; every name, class and count checked."""
-    path = Path(path)
+def _read_sites(path: Path) -> dict:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -43,8 +46,31 @@ def load_roster(path: str | Path, class_names: list[str]) -> dict[str, SiteAgree
         raise FedFactoryError(f"roster {path} is not a readable TOML file: {e}") from None
     if set(data) != {"sites"} or not isinstance(data["sites"], dict) or not data["sites"]:
         raise FedFactoryError(f"roster {path} must hold [sites.<client id>] tables and nothing else")
+    return data["sites"]
+
+
+def _site_key(path: Path, where: str, entry: dict) -> str:
+    """The site's public key (OpenSSH one-line, P-384), read from the file the entry names, or ""."""
+    if "public_key" not in entry:
+        return ""
+    key_path = path.parent / str(entry["public_key"])
+    try:
+        if key_path.stat().st_size > MAX_KEY_BYTES:
+            raise FedFactoryError(f"{where}: {key_path} is too large for a public key")
+        text = key_path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FedFactoryError(f"{where}: cannot read its public key {key_path}: {getattr(e, 'strerror', '') or e}") from None
+    try:
+        return openssh_line(load_public_key(text))
+    except FedFactoryError as e:
+        raise FedFactoryError(f"{where}: {key_path}: {e}") from None
+
+
+def load_roster(path: str | Path, class_names: list[str]) -> dict[str, SiteAgreement]:
+    """client id -> its agreement; every name, class, count and key checked."""
+    path = Path(path)
     roster = {}
-    for cid, entry in data["sites"].items():
+    for cid, entry in _read_sites(path).items():
         where = f"roster {path}, site {cid!r}"
         check_client_id(cid)
         if not isinstance(entry, dict) or not set(entry) <= {"classes", "public_key"} or \
@@ -59,17 +85,28 @@ def load_roster(path: str | Path, class_names: list[str]) -> dict[str, SiteAgree
             if type(count) is not int or count < 1:
                 raise FedFactoryError(f"{where}: the largest count for {name!r} must be a positive integer")
             classes[c] = count
-        key = ""
-        if "public_key" in entry:
-            key_path = path.parent / str(entry["public_key"])
-            try:
-                if key_path.stat().st_size > MAX_KEY_BYTES:
-                    raise FedFactoryError(f"{where}: {key_path} is too large for a public key")
-                key = key_path.read_text().strip()
-            except OSError as e:
-                raise FedFactoryError(f"{where}: cannot read its public key {key_path}: {e.strerror or e}") from None
-        roster[cid] = SiteAgreement(classes, key)
+        roster[cid] = SiteAgreement(classes, _site_key(path, where, entry))
     return roster
+
+
+def load_keys(path: str | Path) -> dict[str, str]:
+    """client id -> public key ("" = none) of every site on a roster, its classes unread (for `verify`)."""
+    path = Path(path)
+    keys = {}
+    for cid, entry in _read_sites(path).items():
+        check_client_id(cid)
+        keys[cid] = _site_key(path, f"roster {path}, site {cid!r}", entry if isinstance(entry, dict) else {})
+    return keys
+
+
+def check_signature(client_id: str, public_key: str, manifest: dict | None) -> None:
+    """With a key on the roster, the manifest must be signed by it; without one, anything goes (an unsigned
+    module is accepted, and a signed one is checked against nothing)."""
+    if public_key:
+        try:
+            verify_manifest(manifest or {}, public_key)
+        except FedFactoryError as e:
+            raise FedFactoryError(f"site {client_id!r}: module refused, {e}") from None
 
 
 def check_agreement(roster: dict[str, SiteAgreement] | None, module) -> None:
@@ -79,6 +116,8 @@ def check_agreement(roster: dict[str, SiteAgreement] | None, module) -> None:
     agreed = roster.get(module.client_id)
     if agreed is None:
         raise FedFactoryError(f"site {module.client_id!r} is not in the consortium's roster (federation.roster)")
+    # first: what the manifest says is judged only once it is known to be the site's own
+    check_signature(module.client_id, agreed.public_key, getattr(module, "saved_manifest", None))
     for c, n in zip(module.classes, module.counts):
         if c not in agreed.classes:
             raise FedFactoryError(f"site {module.client_id!r} declares class {c}, which its agreement does not "

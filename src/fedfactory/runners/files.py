@@ -26,13 +26,14 @@ from ..classify import classifier_from_bytes, classifier_to_bytes
 from ..classify.model import load_classifier_file
 from ..errors import FedFactoryError
 from ..modules import GenerativeModule, load_module
-from ..modules.fileformat import check_client_id
+from ..modules.fileformat import check_client_id, write_module_dir
 from ..modules.limits import Limits
 from ..runtime import setup_runtime
 from ..policy import SitePolicy, accept, record_terms
 from ..server import (NO_TEST_SET, build, check_modules, check_new_run_dir, module_limits, pool_site_evaluations,
                       receive_module, start_run, test_set_for)
 from ..privacy.audit import holdout_split
+from ..signing import load_private_key, signed_bytes
 from ..site import (audit_module, check_upload, evaluate_at_site, federation_classes, load_site_data, load_site_test,
                     save_audit_report, synthesize_for_site, train_expert, train_module)
 from ..utils import atomic_write_bytes, atomic_write_json
@@ -41,23 +42,26 @@ MAX_ANSWER_BYTES = 64 << 20  # a site's evaluation: counts only
 
 
 def site_train(cfg: dict, data: str, out: str | Path, client_id: str = "", audit_out: str | Path = "",
-               policy: SitePolicy | None = None) -> GenerativeModule:
+               policy: SitePolicy | None = None, sign_key: str | Path = "") -> GenerativeModule:
     """A site makes its module alone, from its own data only; the client id defaults to the folder name of `out`.
     Its audit report (which shows training images) goes to `audit_out`, by default `<out>-audit` beside it.
-    With a policy, a config that breaks it is refused before anything is trained or written."""
+    With a policy, a config that breaks it is refused before anything is trained or written. With `sign_key`
+    (an OpenSSH P-384 private key) the module's final manifest is signed (signing.py)."""
     out = Path(out)
     cid = check_client_id(client_id or out.resolve().name)
     report = Path(audit_out or out.parent / f"{out.name}-audit")
     for folder in (out, report):
         if folder.exists() and any(folder.iterdir()):
             raise FedFactoryError(f"{folder} already holds files: choose another --out (or --audit-out)")
+    if sign_key:
+        load_private_key(sign_key)  # a bad key fails now, not after training
     images, labels = load_site_data(cfg, data)
     n_train = len(holdout_split(labels, cfg["privacy"]["holdout"], cfg["seed"], cid)[0])
     cfg = accept(policy, cfg, cid, "module", policy.keep_dir if policy else "", n_train)
     setup_runtime(cfg)
     module = train_module(cfg, cid, images, labels)
     record_terms(module, policy, cfg)
-    module.save(out)
+    module.saved_manifest = write_module_dir(out, *signed_bytes(module, sign_key))  # signed after audit and terms
     save_audit_report(module, report)
     check_upload(cfg, module, kept_at=f"{out} and {report}")
     return module

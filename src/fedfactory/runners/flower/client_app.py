@@ -14,6 +14,8 @@ Node config (flower-supernode --node-config):
                         here, and nothing leaves the site (policy.py)
   keep-dir (str)        the site keeps here what it sent and received: its module and audit report, the
                         final classifier, its evaluation, the report, and its log (the policy's keep_dir wins)
+  sign-key (str)        this site's private key (OpenSSH, ECDSA P-384: its SuperNode key will do): the module's
+                        manifest is signed with it, for a roster that lists the public key (signing.py)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ...modules.limits import Limits
 from ...policy import accept, load_policy, record_terms
 from ...privacy.audit import holdout_split
 from ...runtime import setup_runtime
+from ...signing import load_private_key, signed_bytes
 from ...site import (check_upload, evaluate_at_site, federation_classes, load_site_data, load_site_test,
                      save_audit_report, synthesize_for_site, train_expert, train_module)
 from ...utils import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -96,15 +99,19 @@ def train(msg: Message, context: Context) -> Message:
     setup_runtime(cfg)
 
     if phase == "module":
+        sign_key = str(node.get("sign-key", ""))
+        if sign_key:
+            load_private_key(sign_key)  # a bad key fails now, not after training
         module = train_module(cfg, cid, images, labels)
         record_terms(module, policy, cfg)
+        blob, manifest = signed_bytes(module, sign_key)  # the final manifest, signed once: kept and sent alike
         kept = ""
         if keep:  # the module, and beside it the site's own audit report
-            module.save(keep / cid)
+            module.saved_manifest = write_module_dir(keep / cid, blob, manifest)
             save_audit_report(module, keep / f"{cid}-audit")
             kept = f"{keep / cid} and {keep / f'{cid}-audit'}"
         check_upload(cfg, module, kept_at=kept)  # a module that failed its audit never leaves the site
-        return Message(module_content(*module.to_bytes()), reply_to=msg)
+        return Message(module_content(blob, manifest), reply_to=msg)
 
     # phase "expert": the other sites' modules, checked like any module file against the federation's
     # caps and this site's image shape, then the local expert. Their folders are named by position:
