@@ -97,6 +97,31 @@ def cmd_federate(args) -> int:
     return 0
 
 
+def cmd_certs(args) -> int:
+    from .runners.flower.certs import make_consortium
+
+    if not args.hostname and not args.ip:
+        raise FedFactoryError("give the names the sites reach the SuperLink by: --hostname NAME and/or --ip ADDRESS")
+    m = make_consortium(args.out, args.hostname, args.ip, args.sites, args.days)
+    out, port, names = Path(args.out), 8000, m["names"]
+    print(f"in {out}: a CA (ca.crt; its private key is not kept), the SuperLink's certificate for "
+          f"{', '.join(names)} (server.pem, server.key), valid until {m['not_after']:%Y-%m-%d}, "
+          f"and a SuperNode key pair for each of {len(m['sites'])} sites")
+    print(f"\nthe coordinator keeps {m['ca']}, {m['cert']}, and, private, {m['key']} and {m['secret']}; it starts:")
+    print(f"  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key "
+          f"--enable-supernode-auth --database superlink.db --isolation process --superexec-auth-secret-file "
+          f"superexec.secret --host 0.0.0.0 --port {port} ...")
+    print(f"  flower-superexec --runtime-api-address {names[0]}:{port} --root-certificates ca.crt "
+          "--superexec-auth-secret-file superexec.secret")
+    for site, f in m["sites"].items():
+        print(f"  flwr supernode register {f['pub']} CONNECTION --name {site}")
+    for site, f in m["sites"].items():
+        print(f"\nto {site}, over a channel you trust, its folder {f['dir']} only ({site}: private; {site}.pub; "
+              f"ca.crt); it starts:\n  flower-supernode --superlink {names[0]}:{port} --root-certificates ca.crt "
+              f"--auth-supernode-private-key {site} --node-config \"data='...' test='...' policy='...'\"")
+    return 0
+
+
 def _print_metrics(results: dict, out) -> None:
     m = results["metrics"]
     print(f"accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  "
@@ -304,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tls", action="store_true", help="TLS on every connection (a CA made for the run), and only "
                    "SuperNodes whose keys were registered may join (Flower's SuperNode authentication)")
     s.set_defaults(func=cmd_federate)
+
+    s = sub.add_parser("certs", help="TLS and SuperNode keys for a federation across hosts: a CA, the SuperLink's "
+                       "certificate, a key pair per site, ready to copy")
+    s.add_argument("--out", required=True, help="the folder to write (existing key files are never overwritten)")
+    s.add_argument("--hostname", nargs="+", default=[], metavar="NAME",
+                   help="the DNS names the sites reach the SuperLink by, e.g. coordinator.example.org")
+    s.add_argument("--ip", nargs="+", default=[], metavar="ADDRESS", help="and/or its IP addresses")
+    s.add_argument("--sites", nargs="+", default=[], metavar="ID",
+                   help="the sites' client ids: one SuperNode key pair each, in OUT/sites/ID/")
+    s.add_argument("--days", type=int, default=365, help="how long the certificates are valid")
+    s.set_defaults(func=cmd_certs)
 
     site = sub.add_parser("site", help="what a site does with its own data: train and audit its module, or its expert")
     site_sub = site.add_subparsers(dest="site_command", required=True)

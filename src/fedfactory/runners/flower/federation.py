@@ -20,14 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
-from ipaddress import IPv4Address
 from pathlib import Path
 
 from ...data.partition import client_id
 from ...errors import FedFactoryError
 from ...runtime import threads_each
 from ...server import check_new_run_dir
+from .certs import write_node_keys, write_tls
 
 APP_DIR = Path(__file__).parent / "app"
 STATUS_EVERY = 5.0  # seconds between two `flwr list` calls while a run works
@@ -59,62 +58,14 @@ def _flwr_config(values: dict) -> str:
     return " ".join(f"{k}={value(v)}" for k, v in values.items())
 
 
-def write_node_keys(stem: str | Path) -> tuple[Path, Path]:
-    """A SuperNode's authentication key pair as Flower 1.42 expects it: ECDSA on a NIST curve (P-384, what
-    Flower itself generates), the private key in OpenSSH PEM (the SuperNode reads it with load_ssh_private_key),
-    the public key in OpenSSH one-line form (what `flwr supernode register` reads). Returns (private, public)."""
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = Path(stem), Path(f"{stem}.pub")
-    private.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
-    return private, public
-
-
-def make_tls_material(folder: str | Path, num_nodes: int) -> dict:
-    """A self-signed CA, a server certificate it signs for 127.0.0.1 and localhost, and one SuperNode key
-    pair per node, as PEM files in `folder`. Returns {'ca', 'cert', 'key': Path, 'nodes': [(private, public)]}."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(timezone.utc)
-
-    def cert(subject: str, key, issuer: x509.Certificate | None, issuer_key, is_ca: bool, *extensions):
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-        # what strict X.509 verification asks of a CA and of a server certificate: key ids, basic constraints, usage
-        usage = x509.KeyUsage(digital_signature=True, key_cert_sign=is_ca, crl_sign=is_ca, content_commitment=False,
-                              key_encipherment=False, data_encipherment=False, key_agreement=False,
-                              encipher_only=False, decipher_only=False)
-        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=30))
-             .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True)
-             .add_extension(usage, critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                            critical=False))
-        for ext in extensions:
-            b = b.add_extension(ext, critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
-    ca = cert("fedfactory local CA", ca_key, None, ca_key, True)
-    server = cert("127.0.0.1", server_key, ca, ca_key, False, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                  x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]))
-    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(ser.Encoding.PEM))
-    paths["cert"].write_bytes(server.public_bytes(ser.Encoding.PEM))
-    paths["key"].write_bytes(server_key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
-    paths["key"].chmod(0o600)
-    return {**paths, "nodes": [write_node_keys(folder / f"supernode-{i}") for i in range(num_nodes)]}
+def make_tls_material(folder: str | Path, num_nodes: int, hostnames=("localhost",), ips=("127.0.0.1",),
+                      days: int = 30) -> dict:
+    """A self-signed CA, a server certificate it signs for `hostnames` and `ips` (by default 127.0.0.1 and
+    localhost: a federation on this machine), and one SuperNode key pair per node, as PEM files in `folder`.
+    Returns {'ca', 'cert', 'key': Path, 'nodes': [(private, public)]}. Across hosts: `fedfactory certs`
+    (certs.make_consortium), which never overwrites and makes a folder per site."""
+    paths = write_tls(folder, hostnames, ips, days)
+    return {**paths, "nodes": [write_node_keys(Path(folder) / f"supernode-{i}") for i in range(num_nodes)]}
 
 
 class LocalFederation:
