@@ -92,6 +92,25 @@ def test_training_reads_no_value_back_from_the_device_per_step(kind, device_read
     assert len(device_reads) <= 1
 
 
+def test_device_reads_counts_fedfactorys_reads_wherever_torch_lies(device_reads):
+    # Told by the reading function's module, not its file: torch in a virtual environment inside a
+    # folder named fedfactory once counted Adam's per-parameter `step.item()` (a host scalar) as ours.
+    def defined_in(module, path):
+        ns = {"__name__": module}
+        exec(compile("def read(t):\n    return t.item(), float(t), int(t), bool(t), t.tolist()", path, "exec"), ns)
+        return ns["read"]
+
+    one = torch.ones(())
+    defined_in("torch.optim.optimizer", "/home/u/fedfactory/.venv/lib/torch/optim/optimizer.py")(one)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert device_reads == []
+    defined_in("fedfactory.probe", "/elsewhere/probe.py")(one)
+    assert device_reads == ["item", "__float__", "__int__", "__bool__", "tolist"]
+
+
 @pytest.mark.parametrize("kind", ["diffusion", "cvae"])
 def test_training_twice_with_one_seed_is_bit_identical(trained, kind):
     _, _, x, y = trained
