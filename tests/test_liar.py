@@ -78,14 +78,14 @@ def test_the_sites_that_know_the_class_catch_the_liar(federation):
     """It is flagged on every class an honest module also covers, and dropped: the federation then makes
     exactly what the honest modules alone make."""
     _, honest = build(federation, "honest-only-2", liar=False)
-    _, checked = build(federation, "checked")
+    _, checked = build(federation, "checked", "factory.outliers='drop'")
     report = checked["crosscheck"]
     assert report["flagged"] == {"liar": [1, 2, 3]} and report["untrusted"] == ["liar"]
     assert sorted(map(tuple, report["dropped"])) == [("liar", c) for c in range(4)]
     assert checked["synthetic"]["sha256"] == honest["synthetic"]["sha256"]
     assert checked["metrics"] == honest["metrics"]
     assert "liar" in (federation[0] / "checked/report.md").read_text()
-    _, flagged_only = build(federation, "flag-only", "factory.outliers='flag'")
+    _, flagged_only = build(federation, "flag-only")  # the default only reports
     assert flagged_only["crosscheck"]["untrusted"] == ["liar"] and min(liar_share(flagged_only)) > 0.95
 
 

@@ -76,7 +76,7 @@ def test_the_site_policy_refuses_each_request_in_one_line_naming_key_and_bound(t
     (tmp_path / "policy.toml").write_text(STRICT.format(keep=tmp_path / "kept"))
     policy = load_policy(tmp_path / "policy.toml")
     policy.check(load_config("configs/fashion-silos.toml"), training_images=6000)  # the main job: 56k / 6k passes
-    load_policy("configs/site-policy.toml").check(load_config("configs/br35h-silos.toml", ["classifier.mode=server"]), 1080)
+    load_policy("configs/policies/site-policy.toml").check(load_config("configs/br35h-silos.toml", ["classifier.mode=server"]), 1080)
     for request, named in REQUESTS.items():
         with pytest.raises(PolicyRefusal) as e:
             policy.check(load_config("configs/fashion-silos.toml", [request]), training_images=5400)

@@ -80,7 +80,7 @@ DEFAULTS: dict = {
         "keep_shards": True,        # keep each draw in RUN_DIR/synthetic/: resume and unlearn reuse it
         "max_share": 1.0,           # the most of a class's synthetic images one module supplies while others hold it
         "check_samples": 100,       # images per (module, class) with which modules sharing a class check each other (0 = off)
-        "outliers": "drop",         # drop | flag: a (module, class) the check flags is left out of synthesis, or only reported
+        "outliers": "flag",         # flag | drop: a (module, class) the check flags is only reported, or left out of synthesis
     },
     "classifier": {
         "mode": "server",       # server | local (Product of Experts)
