@@ -276,11 +276,17 @@ def cmd_export(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfactory", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--version", action="version", version=f"fedfactory {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def _set_option(s) -> None:
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
+
+def _policy_option(s) -> None:
+    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
+                   "coordinator may ask of it")
+
+
+def _add_pipeline_commands(sub) -> None:
+    """datasets, partition, run and compare: a simulated federation on a public data set."""
     s = sub.add_parser("datasets", help="list the data sets and whether each is available here")
     s.set_defaults(func=cmd_datasets)
 
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("run", help="run the whole pipeline: modules, one round, factory, classifier, report")
     s.add_argument("config", help="a TOML file, e.g. configs/fashion-silos.toml")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _set_option(s)
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--resume", action="store_true", help="continue a run: reuse its verified modules")
     s.set_defaults(func=cmd_run)
@@ -306,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--methods", default="factory,centralized,local-only,fedavg,fedprox,scaffold,feddyn",
                    help="comma-separated: factory, centralized, local-only, fedavg, fedprox, scaffold, feddyn")
     s.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 1,2,3")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _set_option(s)
     s.add_argument("--out", required=True, help="the comparison folder")
     s.set_defaults(func=cmd_compare)
 
+
+def _add_flower_commands(sub) -> None:
+    """federate and certs: the federation over Flower, here or across hosts."""
     s = sub.add_parser("federate", help="run the one-shot federation over Flower: a SuperLink and N SuperNodes here")
     s.add_argument("config")
     s.add_argument("--nodes", type=int, default=0, help="simulated sites: SuperNodes holding shares of the config's data set")
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --data: each site's own test images, one per --data folder (the sites evaluate)")
     s.add_argument("--policy", nargs="+", default=[], metavar="TOML",
                    help="the sites' policies (site-policy.toml): one for every site, or one per site")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _set_option(s)
     s.add_argument("--out", required=True, help="the run folder")
     s.add_argument("--timeout", type=float, default=7200, help="seconds the clients may take to train")
     s.add_argument("--resume", action="store_true", help="continue a run: the modules it already received and "
@@ -341,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--days", type=int, default=365, help="how long the certificates are valid")
     s.set_defaults(func=cmd_certs)
 
+
+def _add_site_commands(sub) -> None:
+    """site train, audit, expert and evaluate: what a site does with its own data."""
     site = sub.add_parser("site", help="what a site does with its own data: train and audit its module, or its expert")
     site_sub = site.add_subparsers(dest="site_command", required=True)
     s = site_sub.add_parser("train", help="train this site's generative module from its own data only")
@@ -349,20 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="the module folder to write (its name is the client id by default)")
     s.add_argument("--client-id", default="", help="this site's client id (default: the --out folder's name)")
     s.add_argument("--audit-out", default="", help="the site's own audit report folder (default: <out>-audit)")
-    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
-                   "coordinator may ask of it")
+    _policy_option(s)
     s.add_argument("--sign-key", default="", metavar="PATH", help="sign the module with this site's private key "
                    "(OpenSSH, ECDSA P-384, e.g. its SuperNode key); the roster lists the public key")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _set_option(s)
     s.set_defaults(func=cmd_site_train)
     s = site_sub.add_parser("audit", help="audit a module against this site's images: copies, held-out test, membership")
     s.add_argument("module", help="the module folder")
     s.add_argument("--config", required=True)
     s.add_argument("--data", required=True, help="the site's images, as given to site train")
     s.add_argument("--out", default="", help="the report folder (default: <module>-audit)")
-    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
-                   "coordinator may ask of it")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _policy_option(s)
+    _set_option(s)
     s.set_defaults(func=cmd_site_audit)
     s = site_sub.add_parser("expert", help="local mode: this site's expert classifier from its data and the others' modules")
     s.add_argument("--config", required=True)
@@ -370,9 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--modules", nargs="+", required=True, metavar="DIR", help="the other sites' module folders")
     s.add_argument("--client-id", required=True, help="this site's client id")
     s.add_argument("--out", required=True, help="the expert file to write (.safetensors)")
-    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
-                   "coordinator may ask of it")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _policy_option(s)
+    _set_option(s)
     s.set_defaults(func=cmd_site_expert)
     s = site_sub.add_parser("evaluate", help="evaluate the federation's classifier on this site's test images; "
                             "the answer holds counts only")
@@ -380,10 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--test", required=True, help="the site's own test images: class folders, a CSV, or an .npz")
     s.add_argument("--client-id", required=True, help="this site's client id")
     s.add_argument("--out", required=True, help="the answer to send to the coordinator (.json)")
-    s.add_argument("--policy", default="", metavar="TOML", help="this site's policy (site-policy.toml): what a "
-                   "coordinator may ask of it")
+    _policy_option(s)
     s.set_defaults(func=cmd_site_evaluate)
 
+
+def _add_server_commands(sub) -> None:
+    """server build and pool, unlearn and verify: what the coordinator does with the modules."""
     server = sub.add_parser("server", help="what the server does with the sites' modules: factory, classifier, report")
     server_sub = server.add_subparsers(dest="server_command", required=True)
     s = server_sub.add_parser("build", help="build the run from module folders gathered in any way")
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                    "data set name (default: none; the sites evaluate: site evaluate, then server pool)")
     s.add_argument("--experts", nargs="*", default=[], metavar="FILE", help="local mode: the sites' expert files")
     s.add_argument("--out", required=True, help="the run folder")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _set_option(s)
     s.set_defaults(func=cmd_server_build)
 
     s = server_sub.add_parser("pool", help="the sites' evaluations (counts) into the run's metrics and report")
@@ -415,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_verify)
 
+
+def _add_model_commands(sub) -> None:
+    """predict and export: the classifier file, used."""
     s = sub.add_parser("predict", help="the classifier's class and probabilities for every image, as a CSV")
     s.add_argument("classifier", help="a classifier file (a run's model.safetensors)")
     s.add_argument("--images", required=True, help="a folder (one subfolder per class, or images at any depth), "
@@ -430,7 +444,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     s.set_defaults(func=cmd_export)
 
-    args = p.parse_args(argv)
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfactory", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"fedfactory {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_pipeline_commands, _add_flower_commands, _add_site_commands, _add_server_commands,
+                _add_model_commands):
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         return args.func(args)
     except FedFactoryError as e:
