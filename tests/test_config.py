@@ -56,7 +56,7 @@ def test_configs_shipped_are_valid():
 
 @pytest.mark.parametrize("kind", ["diffusion", "cvae"])
 def test_module_keys_left_out_take_the_presets_values(kind):
-    from fedfactory.modules.base import module_kinds
+    from fedfactory.modules import module_kinds
     from fedfactory.site import new_module
 
     for preset in ("cpu", "gpu", "paper"):
@@ -81,3 +81,61 @@ def test_module_keys_are_absent_unless_set_and_checked_when_set():
         new_module(load_config(None, ["module.kind=cvae", "module.sigma_min=0.5"]), "c")
     with pytest.raises(FedFactoryError, match="data.classes"):
         load_config(None, ["data.classes=['a', 'a']"])
+
+
+def _another(value, kind_cls):
+    """A valid value of a module key other than its cpu preset's (so that taking it is seen)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 if value else 0.5
+    if isinstance(value, list):
+        return value[:-1] if len(value) > 1 else value
+    if isinstance(value, str) and value in kind_cls.samplers:
+        return next((s for s in kind_cls.samplers if s != value), value)
+    return value
+
+
+def _module_keys_of_every_kind():
+    from fedfactory.modules import module_kinds
+
+    return [(name, key, value) for name, cls in module_kinds().items() for key, value in cls.config_keys().items()]
+
+
+@pytest.mark.parametrize("kind, key, value", _module_keys_of_every_kind())
+def test_every_key_a_kind_reads_can_be_set(kind, key, value):
+    """Enumerated from the registry: `--set module.<key>=...` is accepted and reaches the module."""
+    import tomli_w
+
+    from fedfactory.modules import get_kind
+    from fedfactory.site import new_module
+
+    cls = get_kind(kind)
+    new = _another(value, cls)
+    text = tomli_w.dumps({"v": new})[len("v = "):].strip()
+    cfg = load_config(None, [f"module.kind='{kind}'", f"module.{key}={text}"])
+    assert cfg["module"][key] == new
+    module = new_module(cfg, "client-0")
+    assert {**module.arch, **module.train_cfg}[key] == new
+
+
+def test_the_cvae_beta_is_a_config_key():
+    from fedfactory.site import new_module
+
+    module = new_module(load_config(None, ["module.kind='cvae'", "module.beta=0.25"]), "client-0")
+    assert module.train_cfg["beta"] == 0.25
+    with pytest.raises(FedFactoryError, match="'module.beta' must be >= 0"):
+        load_config(None, ["module.kind='cvae'", "module.beta=-1.0"])
+
+
+def test_an_unknown_module_key_is_refused_in_one_line(capsys, tmp_path):
+    from fedfactory.cli import main
+
+    with pytest.raises(FedFactoryError, match=r"unknown config key 'module.betta'; did you mean 'module.beta'\?") as e:
+        load_config(None, ["module.betta=0.5"])
+    assert "\n" not in str(e.value)
+    assert main(["run", "configs/fashion-silos.toml", "--out", str(tmp_path / "run"), "--set", "module.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown config key 'module.no_such_key'" in err and "\n" not in err

@@ -17,6 +17,8 @@ except ModuleNotFoundError:  # Python 3.10
 import tomli_w
 
 from .errors import FedFactoryError
+from .modules.fileformat import check_client_id
+from .modules.registry import config_keys, get_kind, key_rules, module_kinds, samplers
 
 class FromPreset:
     """The default of a key whose absence means "the module preset's value"; `example` gives its type."""
@@ -49,29 +51,12 @@ DEFAULTS: dict = {
         "exclude": [],       # client ids left out of the federation (e.g. to check unlearning)
     },
     "module": {
-        # Every module key is optional: a key left out takes the module preset's value (kinds and
-        # presets differ; see modules/diffusion.py and modules/cvae.py).
-        "kind": "diffusion",  # diffusion | cvae
+        # Every other module key is optional and comes from the registry of module kinds
+        # (modules/registry.py: each kind's preset keys, e.g. channels, budget_images, sampler, the
+        # cVAE's beta); a key left out takes the module preset's value (kinds and presets differ; see
+        # modules/diffusion.py and modules/cvae.py). `_module_keys()` adds them below.
+        "kind": "diffusion",  # a registered kind: diffusion | cvae | a plugin's
         "preset": "cpu",      # cpu | gpu (minutes on one GPU) | paper (the paper's scale): network and budgets
-        "channels": FromPreset(0),         # U-Net base channels
-        "channel_mult": FromPreset([]),    # per resolution level
-        "num_blocks": FromPreset(0),       # residual blocks per level
-        "attn_resolutions": FromPreset([]),  # pixel sizes with self-attention
-        "dropout": FromPreset(0.0),
-        "budget_images": FromPreset(0),    # training images seen per module
-        "batch_size": FromPreset(0),
-        "lr": FromPreset(0.0),             # Adam
-        "warmup_images": FromPreset(0),    # linear learning-rate warm-up
-        "ema_halflife_images": FromPreset(0),
-        "hflip": FromPreset(False),        # random horizontal flips (mirror-symmetric data only)
-        "p_mean": FromPreset(0.0),         # training noise: ln(sigma) ~ N(p_mean, p_std^2) (EDM: -1.2, 1.2)
-        "p_std": FromPreset(0.0),
-        "label_dropout": FromPreset(0.0),  # > 0 trains an unconditional branch for classifier-free guidance
-        "sample_steps": FromPreset(0),     # sampler steps: Heun makes 2 * steps - 1 network calls per image, dpm2m steps
-        "sampler": FromPreset(""),         # heun (EDM's 2nd order) | dpm2m (DPM-Solver++(2M): one call per step)
-        "sigma_min": FromPreset(0.0),      # noise level where sampling stops and returns D(x; sigma_min)
-        "guidance": FromPreset(0.0),       # classifier-free guidance weight (1 = off)
-        "latent": FromPreset(0),           # cvae latent size
     },
     "factory": {
         "per_class": 1000,         # synthetic images per class
@@ -149,6 +134,17 @@ DEFAULTS: dict = {
 }
 
 
+def _module_keys() -> dict:
+    """DEFAULTS, its module section completed with every key a registered kind reads (a kind may
+    register after this file is imported: a plugin), each defaulting to the preset's value."""
+    for key, example in config_keys().items():
+        DEFAULTS["module"].setdefault(key, FromPreset(example))
+    return DEFAULTS
+
+
+_module_keys()
+
+
 def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
@@ -157,7 +153,7 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> FedFactoryError:
-    near = difflib.get_close_matches(key, _flat_keys(DEFAULTS), n=1, cutoff=0.5)
+    near = difflib.get_close_matches(key, _flat_keys(_module_keys()), n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     return FedFactoryError(f"unknown config key {key!r}{hint}")
 
@@ -213,7 +209,7 @@ def set_value(cfg: dict, assignment: str) -> None:
     if not sep or not key:
         raise FedFactoryError(f"--set expects key=value, got {assignment!r}")
     *sections, leaf = key.split(".")
-    node, default = cfg, DEFAULTS
+    node, default = cfg, _module_keys()
     for s in sections:
         if s not in default or not isinstance(default[s], dict):
             raise _unknown(key)
@@ -235,7 +231,7 @@ def _drop_unset(cfg: dict) -> dict:
 
 def load_config_text(text: str) -> dict:
     """A config from TOML text (as the Flower ServerApp sends it)."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg = copy.deepcopy(_module_keys())
     try:
         _merge(cfg, tomllib.loads(text))
     except tomllib.TOMLDecodeError as e:
@@ -245,7 +241,7 @@ def load_config_text(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg = copy.deepcopy(_module_keys())
     if path is not None:
         path = Path(path)
         try:
@@ -262,7 +258,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 
 
 CHOICES = {
-    "module.kind": ("diffusion", "cvae"), "module.preset": ("cpu", "gpu", "paper"),
     "factory.aggregation": ("weighted", "uniform"), "factory.missing_classes": ("error", "drop"),
     "factory.outliers": ("drop", "flag"),
     "classifier.missing_experts": ("error", "drop"), "federation.on_node_failure": ("fail", "continue"), "data.channels": (0, 1, 3),
@@ -280,11 +275,7 @@ RANGES = {"factory.max_share": (0.01, 1.0), "factory.check_samples": (0, 100_000
 POSITIVE = ("federation.max_parameters", "federation.max_channels", "federation.max_resolution",
             "federation.max_count", "federation.max_module_bytes", "baselines.rounds", "baselines.local_epochs", "baselines.lr", "baselines.fraction", "baselines.eval_every",
             "factory.per_class", "classifier.budget_images", "classifier.batch_size", "classifier.lr")
-# Module keys are checked only when set (absent = the preset's value).
-POSITIVE_IF_SET = ("module.channels", "module.num_blocks", "module.budget_images", "module.batch_size", "module.lr",
-                   "module.sample_steps", "module.guidance", "module.latent", "module.p_std")
-NON_NEGATIVE = ("runtime.parallel_clients", "module.ema_halflife_images", "module.warmup_images", "module.sigma_min", "module.dropout",
-                "module.label_dropout", "classifier.blur", "classifier.mixup", "classifier.ema_halflife_images")
+NON_NEGATIVE = ("runtime.parallel_clients", "classifier.blur", "classifier.mixup", "classifier.ema_halflife_images")
 
 
 def get(cfg: dict, key: str, default=None):
@@ -296,22 +287,40 @@ def get(cfg: dict, key: str, default=None):
     return node
 
 
+def _module_choices(cfg: dict) -> dict:
+    """The module section's choices, from the registry: the kinds, and the chosen kind's presets."""
+    kind = get(cfg, "module.kind")
+    presets = tuple(get_kind(kind).presets) if kind in module_kinds() else ()
+    return {"module.kind": tuple(module_kinds()), "module.preset": presets}
+
+
+def _validate_module_keys(cfg: dict) -> None:
+    """Module keys are checked only when set (absent = the preset's value), by the rule their kind declares."""
+    for leaf, rule in key_rules().items():
+        key, value = f"module.{leaf}", get(cfg, f"module.{leaf}")
+        if value is None or isinstance(value, (str, list, bool)):
+            continue
+        if rule == "positive" and value <= 0:
+            raise FedFactoryError(f"config key {key!r} must be > 0 (leave it out for the preset's value); got {value!r}")
+        if rule == "non-negative" and value < 0:
+            raise FedFactoryError(f"config key {key!r} must be >= 0; got {value!r}")
+    allowed = samplers()
+    if get(cfg, "module.sampler") not in (None, *allowed):
+        raise FedFactoryError(f"config key 'module.sampler' must be {' or '.join(allowed)}; "
+                              f"got {get(cfg, 'module.sampler')!r}")
+
+
 def validate(cfg: dict) -> None:
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**_module_choices(cfg), **CHOICES}.items():
         if get(cfg, key) not in allowed:
             raise FedFactoryError(f"config key {key!r} must be one of {', '.join(allowed)}; got {get(cfg, key)!r}")
     for key in POSITIVE:
         if get(cfg, key) <= 0:
             raise FedFactoryError(f"config key {key!r} must be > 0; got {get(cfg, key)!r}")
-    for key in POSITIVE_IF_SET:
-        if get(cfg, key, 1) <= 0:
-            raise FedFactoryError(f"config key {key!r} must be > 0 (leave it out for the preset's value); "
-                                  f"got {get(cfg, key)!r}")
     for key in NON_NEGATIVE:
         if get(cfg, key, 0) < 0:
             raise FedFactoryError(f"config key {key!r} must be >= 0; got {get(cfg, key)!r}")
-    if get(cfg, "module.sampler") not in (None, "heun", "dpm2m"):
-        raise FedFactoryError(f"config key 'module.sampler' must be heun or dpm2m; got {get(cfg, 'module.sampler')!r}")
+    _validate_module_keys(cfg)
     for key, (low, high) in RANGES.items():
         if not low <= get(cfg, key) <= high:
             raise FedFactoryError(f"config key {key!r} must be in [{low:g}, {high:g}]; got {get(cfg, key)!r}")
@@ -321,8 +330,6 @@ def validate(cfg: dict) -> None:
         raise FedFactoryError("differential privacy covers the modules only, and local mode also sends each site's "
                               "expert, a classifier trained on its real images without it: set "
                               "classifier.mode = \"server\" for a DP run (--set classifier.mode=server)")
-    from .modules.fileformat import check_client_id
-
     for cid in cfg["federation"]["clients"]:
         check_client_id(cid)
     classes = cfg["data"]["classes"]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .classify.model import FederatedClassifier
 from .data.folder import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, image_files, labelled_files, load_files, load_npz_images
 from .errors import FedFactoryError
-from .modules.base import resolve_device, use_bf16
+from .tensors import resolve_device, use_bf16
 from .utils import atomic_write_text
 
 CHUNK = 500  # images read and predicted at a time: predict_log_proba's own batch

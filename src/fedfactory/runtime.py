@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .modules.base import resolve_device, use_bf16
+from .tensors import resolve_device, use_bf16
 
 
 # torch's own choice (the physical cores), kept so that runtime.threads = 0 restores it: float results

@@ -29,8 +29,9 @@ from .evaluate import site_counts
 from .factory import SyntheticSet, synthesize
 from .modules import GenerativeModule, module_kinds
 from .modules.fileformat import check_client_id
-from .privacy.audit import ADVICE, audit, holdout_split, verdict, write_site_report
-from .modules.base import resolve_device, use_bf16
+from .audit_report import write_site_report
+from .privacy.audit import ADVICE, audit, holdout_split, verdict
+from .tensors import resolve_device, use_bf16
 from .runtime import classifier_kw
 
 

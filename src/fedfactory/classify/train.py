@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from ..errors import FedFactoryError
-from ..modules.base import INDEX_BLOCK, to_float, to_model
+from ..tensors import INDEX_BLOCK, to_float, to_model
 from ..utils import derive_seed, ema_step
 from .augment import augment
 from .networks import PRESETS, ResNet

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
-import secrets
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,11 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import FedFactoryError
+from ..tensors import INDEX_BLOCK, index_blocks, resolve_device, to_float, to_model, to_uint8, use_bf16  # noqa: F401 (re-exported)
 from ..utils import derive_seed, ema_step
-from .fileformat import read_manifest, read_weights, serialize, write_module_dir
+from .fileformat import serialize, write_module_dir
+from .limits import is_int
+from .training import Trainer, default_trainer
 
 # Images are generated in fixed chunks, each with its own noise stream: asking for n images
 # always gives the first n of the same sequence, whatever n is (what makes synthesis exact).
@@ -35,20 +38,8 @@ SAMPLE_CHUNK = 100
 # A GPU samples several chunks per network call (about this many pixels), a CPU one: small
 # calls are launch-bound on a large GPU, and on a CPU one chunk keeps the shipped bits.
 GPU_SAMPLE_PIXELS = 1 << 21
-# Batch indices are drawn on the host this many steps at a time and copied once per block.
-INDEX_BLOCK = 512
 # fit's on_progress is called at most this often (seconds): enough for a display, a negligible cost.
 PROGRESS_EVERY = 1.0
-
-
-def to_model(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 N x H x W x C (on any device) -> float N x C x H x W in [-1, 1]."""
-    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C array -> float N x C x H x W tensor in [-1, 1]."""
-    return to_model(torch.from_numpy(np.require(images, requirements=["C", "W"])))
 
 
 def chunks_per_call(device: torch.device, image_shape: tuple[int, int, int]) -> int:
@@ -56,36 +47,23 @@ def chunks_per_call(device: torch.device, image_shape: tuple[int, int, int]) -> 
     return max(1, GPU_SAMPLE_PIXELS // (SAMPLE_CHUNK * h * w)) if device.type == "cuda" else 1
 
 
-def index_blocks(rng: np.random.Generator, high: int, batch: int, steps: int, device: torch.device):
-    """Per-step batch indices (uniform with replacement), copied to the device a block at a time:
-    the same numbers as one `rng.integers(0, high, batch)` per step, without a copy per step."""
-    for first in range(0, steps, INDEX_BLOCK):
-        yield from torch.from_numpy(rng.integers(0, high, (min(INDEX_BLOCK, steps - first), batch))).to(device)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return x.float().add(1.0).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FedFactoryError("runtime.device is cuda but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def use_bf16(device: torch.device, setting: str = "auto") -> bool:
-    """bf16 autocast: on GPUs and on CPUs with AMX/AVX512-BF16 (measured 1.6-2.5x faster here)."""
-    if setting != "auto":
-        return setting == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # native bf16 units only: elsewhere bf16 is emulated and slower than fp32
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+@dataclass
+class _Run:
+    """One fit's state, passed between its steps (a record: its generated __init__ takes every field)."""
+    trainer: Trainer
+    net: torch.nn.Module        # the trained weights
+    train_net: torch.nn.Module  # what the loss calls (compiled, or net itself)
+    ema: torch.nn.Module        # what is shipped and sampled
+    opt: torch.optim.Optimizer
+    pixels: torch.Tensor        # uint8 N x H x W x C on the device
+    y_all: torch.Tensor         # local labels on the device
+    gen: torch.Generator        # the loss's noise and flips
+    batches: object             # per-step index tensors (the trainer's)
+    batch: int
+    steps: int
+    k: int                      # rows per image (DP noise multiplicity)
+    warmup: int                 # warm-up steps
+    t0: float = 0.0
 
 
 class GenerativeModule(ABC):
@@ -95,7 +73,41 @@ class GenerativeModule(ABC):
     presets: dict[str, dict] = {}
     # `train` keys that only decide how a trained network is sampled: changing them needs no retraining.
     sampling_keys: tuple[str, ...] = ()
+    # -- what a kind declares to the registry (modules/registry.py) ------------------------
+    samplers: tuple[str, ...] = ()  # the names train["sampler"] may take (none: no such choice)
+    # Checks of module keys that a config sets: key -> "positive" | "non-negative" (config.py applies them).
+    key_rules: dict[str, str] = {"budget_images": "positive", "batch_size": "positive", "lr": "positive",
+                                 "warmup_images": "non-negative", "ema_halflife_images": "non-negative"}
+    # Optional: a method (images uint8 N x H x W x C, global labels, seed) -> per-image loss (np.ndarray), lower
+    # on images the module trained on; the privacy audit's membership attack calls it (none: no attack).
+    per_example_loss = None
+    per_example_loss_info: dict = {}  # what the audit records beside the attack's numbers
 
+    @classmethod
+    def config_keys(cls) -> dict[str, object]:
+        """Every module key this kind reads (its presets' arch and train keys), with an example value."""
+        keys: dict[str, object] = {}
+        for preset in cls.presets.values():
+            for part in ("arch", "train"):
+                for k, v in preset[part].items():
+                    keys.setdefault(k, v)
+        return keys
+
+    @classmethod
+    def arch_rules(cls, limits) -> dict:
+        """arch key -> is a peer's declared value within `limits` (modules/limits.py)? A key without a rule is refused."""
+        return {}
+
+    @classmethod
+    def training_rules(cls, limits) -> dict:
+        """training key -> is a peer's declared value safe to run (bounded: synthesis cannot hang or produce NaN)?"""
+        rules = {"seed": is_int}
+        if cls.samplers:
+            rules["sampler"] = lambda v: v in cls.samplers
+        return rules
+
+    # many parameters because each is one setting of the module (network, budget, identity, seed, preset,
+    # device, precision, display, compile, DP), all keywords with defaults, as a scikit-learn estimator's
     def __init__(self, arch: dict | None = None, train: dict | None = None, client_id: str = "client",
                  seed: int = 0, preset: str = "cpu", device: str = "auto", bf16: str = "auto",
                  progress: bool = True, compile: bool = False, dp: dict | None = None):
@@ -140,11 +152,35 @@ class GenerativeModule(ABC):
         return len(self.classes)
 
     def fit(self, images: np.ndarray, labels: np.ndarray, checkpoint=None, checkpoint_every: int = 0,
-            on_progress=None) -> "GenerativeModule":
-        """Train from scratch on one client's images (uint8 N x H x W x C) and labels; with `dp`
-        set, by DP-SGD (privacy/dp.py), and the spent budget goes to `privacy["dp"]`.
-        `checkpoint(images_seen, ema_network)` is called every `checkpoint_every` steps;
-        `on_progress(steps_done, steps, images_seen, seconds)` about once a second and once at the end."""
+            on_progress=None, trainer: Trainer | None = None) -> "GenerativeModule":
+        """Train from scratch on one client's images (uint8 N x H x W x C) and labels.
+
+        `trainer` (modules/training.py) plans the batches and steps the optimizer: plain training by
+        default; DP-SGD with privacy.DPTrainer (also the default of a module built with `dp` settings),
+        whose claim goes to `privacy["dp"]`. `checkpoint(images_seen, ema_network)` is called every
+        `checkpoint_every` steps; `on_progress(steps_done, steps, images_seen, seconds)` about once a
+        second and once at the end."""
+        local = self._take_data(images, labels)
+        run = self._start(images, local, trainer or default_trainer(self))
+        seen, loss_avg = self._loop(run, checkpoint, checkpoint_every, on_progress)
+        for be, b in zip(run.ema.buffers(), run.net.buffers()):
+            be.copy_(b)
+        self.net = run.ema.eval()
+        # Reading the loss waits for the device's queued work, so the wall time below is true.
+        final_loss = float("nan") if loss_avg is None else float(loss_avg)
+        wall = time.perf_counter() - run.t0
+        self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
+                      "images_seen": seen, "final_loss": round(final_loss, 5)}
+        if on_progress:
+            on_progress(run.steps, run.steps, seen, wall)
+        self.privacy.pop("dp", None)
+        claim = run.trainer.finish()
+        if claim is not None:
+            self.privacy["dp"] = claim
+        return self
+
+    def _take_data(self, images, labels) -> np.ndarray:
+        """Check fit's arrays, record the classes, counts and image shape; the local label of each image."""
         images, labels = np.asarray(images), np.asarray(labels, np.int64)
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels) or len(images) == 0:
             raise FedFactoryError(f"{self.client_id}: fit needs uint8 N x H x W x C images and N labels, N > 0; "
@@ -152,72 +188,43 @@ class GenerativeModule(ABC):
         self.classes, counts = (v.tolist() for v in np.unique(labels, return_counts=True))
         self.counts = [int(c) for c in counts]
         self.image_shape = tuple(int(s) for s in images.shape[1:])
-        local = np.searchsorted(self.classes, labels)
+        return np.searchsorted(self.classes, labels)
+
+    def _start(self, images: np.ndarray, local: np.ndarray, trainer: Trainer) -> "_Run":
+        """A fresh seeded network, its EMA copy and optimizer, the data on the device and the trainer's plan."""
         cfg = self.train_cfg
-        batch, budget = int(cfg["batch_size"]), int(cfg["budget_images"])
-        steps, k = max(1, math.ceil(budget / batch)), 1
-        if self.dp is not None:
-            from ..privacy import dp as dpsgd
-
-            dp = dpsgd.plan(self.dp, len(images), batch, budget)
-            batch, steps, k = dp["batch"], dp["steps"], dp["noise_multiplicity"]
-
+        batch, steps, k = trainer.plan(self, len(images), int(cfg["batch_size"]), int(cfg["budget_images"]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, self.client_id, "init"))
             net = self.build_network().to(self.device)
         ema = copy.deepcopy(net).requires_grad_(False)
-        cuda = self.device.type == "cuda"
-        opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), fused=cuda)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), fused=self.device.type == "cuda")
         # The images stay uint8 on the device (a quarter of float32's memory), converted per batch;
         # a read-only array (torch warns on one) is copied.
         pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
         y_all = torch.from_numpy(local).to(self.device)
         gen = torch.Generator(self.device).manual_seed(derive_seed(self.seed, self.client_id, "noise"))
-        if self.dp is None:
-            train_net = torch.compile(net) if self.compile and cuda else net
-            batches = index_blocks(np.random.default_rng(derive_seed(self.seed, self.client_id, "batches")),
-                                   len(pixels), batch, steps, self.device)
-        else:  # per-sample gradient hooks on net's layers (so not compiled), clipped and noised steps, Poisson
-            # batches. bf16 autocast stays (faster here); the per-image gradients are clipped in fp32.
-            # The noise and the batches must be secret for epsilon to hold: they are drawn from a seed that
-            # no one else knows (the operating system's), never from the run seed in the manifest.
-            secret = self.dp.get("secret_seed") or secrets.randbits(63)  # secret_seed: tests only
-            dp_noise = torch.Generator(self.device).manual_seed(derive_seed(secret, "dp-noise"))
-            hooks, opt = dpsgd.make_private(net, opt, dp, dp_noise)
-            train_net = net  # not the wrapper: a kind's loss may call the network's own methods (cvae)
-            batches = dpsgd.poisson_batches(np.random.default_rng(derive_seed(secret, "dp-batches")),
-                                            len(pixels), dp["sample_rate"], steps, self.device)
-        warmup = max(1, int(cfg.get("warmup_images", 0)) // batch)
-        ema_params, net_params = list(ema.parameters()), list(net.parameters())
+        train_net, opt = trainer.prepare(self, net, opt)
+        batches = trainer.batches(self, len(pixels), batch, steps)
+        return _Run(trainer, net, train_net, ema, opt, pixels, y_all, gen, batches, batch, steps, k,
+                    warmup=max(1, int(cfg.get("warmup_images", 0)) // batch))
 
+    def _loop(self, run: "_Run", checkpoint, checkpoint_every: int, on_progress):
+        """The training steps; (images seen, running mean loss on the device or None)."""
+        cfg, net = self.train_cfg, run.net
+        ema_params, net_params = list(run.ema.parameters()), list(net.parameters())
         net.train()
         t0, seen, loss_avg = time.perf_counter(), 0, None
-        told = t0  # when on_progress was last called
+        run.t0, told = t0, t0  # told: when on_progress was last called
         # disable=None: no bar when stderr is not a terminal (a log file), as the runners' bars
-        bar = tqdm(range(steps), desc=f"{self.kind} {self.client_id}", unit="step",
+        bar = tqdm(range(run.steps), desc=f"{self.kind} {self.client_id}", unit="step",
                    disable=None if self.progress else True, leave=False, dynamic_ncols=True)
-        for step, idx in zip(bar, batches):
-            x, y = to_model(pixels[idx]), y_all[idx]
-            if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
-                flip = torch.rand(len(x), generator=gen, device=self.device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            for g in opt.param_groups:  # linear warm-up, then constant (a decay measured worse here)
-                g["lr"] = cfg["lr"] * min(1.0, (step + 1) / warmup)
-            opt.zero_grad(set_to_none=True)
-            loss = None
-            if len(x):  # a Poisson batch may be empty: its DP step is noise alone
-                if k > 1:  # each image's k rows: k noise levels, one clipped gradient
-                    x, y = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self.loss(train_net, x, y, gen)
-                loss.backward()
-            if self.dp is not None:
-                dpsgd.per_image_grads(net_params, len(idx), k)
-            opt.step()
-            seen += batch  # with DP, images expected (a Poisson batch's size varies)
-            ema_step(ema_params, net_params, batch, seen, cfg["ema_halflife_images"])
+        for step, idx in zip(bar, run.batches):
+            loss = self._step(run, step, idx, net_params)
+            seen += run.batch  # with DP, images expected (a Poisson batch's size varies)
+            ema_step(ema_params, net_params, run.batch, seen, cfg["ema_halflife_images"])
             if checkpoint and (step + 1) % checkpoint_every == 0:  # e.g. benchmarks/memorization.py
-                checkpoint(seen, ema)
+                checkpoint(seen, run.ema)
             if loss is not None:  # a running mean kept on the device: read (a host sync) only when the bar shows it
                 loss = loss.detach().double()
                 loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
@@ -225,25 +232,32 @@ class GenerativeModule(ABC):
             # distance ahead of the device.
             if on_progress and time.perf_counter() - told >= PROGRESS_EVERY:
                 told = time.perf_counter()
-                on_progress(step + 1, steps, seen, told - t0)
-            if not bar.disable and (step % 20 == 0 or step == steps - 1) and loss_avg is not None:
+                on_progress(step + 1, run.steps, seen, told - t0)
+            if not bar.disable and (step % 20 == 0 or step == run.steps - 1) and loss_avg is not None:
                 bar.set_postfix(loss=f"{loss_avg.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
-        for be, b in zip(ema.buffers(), net.buffers()):
-            be.copy_(b)
-        self.net = ema.eval()
-        # Reading the loss waits for the device's queued work, so the wall time below is true.
-        final_loss = float("nan") if loss_avg is None else float(loss_avg)
-        wall = time.perf_counter() - t0
-        self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
-                      "images_seen": seen, "final_loss": round(final_loss, 5)}
-        if on_progress:
-            on_progress(steps, steps, seen, wall)
-        self.privacy.pop("dp", None)
-        if self.dp is not None:
-            hooks.remove_hooks()
-            self.privacy["dp"] = dpsgd.claim(dp)
-        return self
+        return seen, loss_avg
+
+    def _step(self, run: "_Run", step: int, idx: torch.Tensor, net_params: list):
+        """One optimizer step on the batch `idx`; its loss (None for an empty DP batch: noise alone)."""
+        cfg = self.train_cfg
+        x, y = to_model(run.pixels[idx]), run.y_all[idx]
+        if cfg.get("hflip", False):  # flip half the batch: free data for mirror-symmetric classes
+            flip = torch.rand(len(x), generator=run.gen, device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        for g in run.opt.param_groups:  # linear warm-up, then constant (a decay measured worse here)
+            g["lr"] = cfg["lr"] * min(1.0, (step + 1) / run.warmup)
+        run.opt.zero_grad(set_to_none=True)
+        loss = None
+        if len(x):  # a Poisson batch may be empty: its DP step is noise alone
+            if run.k > 1:  # each image's k rows: k noise levels, one clipped gradient
+                x, y = x.repeat_interleave(run.k, 0), y.repeat_interleave(run.k, 0)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.loss(run.train_net, x, y, run.gen)
+            loss.backward()
+        run.trainer.after_backward(net_params, len(idx), run.k)
+        run.opt.step()
+        return loss
 
     @torch.no_grad()
     def sample(self, class_id: int, n: int, seed: int) -> np.ndarray:
@@ -299,45 +313,3 @@ class GenerativeModule(ABC):
         m.privacy = manifest.get("privacy", {})
         m.site = manifest.get("site", {}) if isinstance(manifest.get("site"), dict) else {}
         return m
-
-
-def module_kinds() -> dict[str, type[GenerativeModule]]:
-    from .cvae import CVAEModule
-    from .diffusion import DiffusionModule
-
-    return {DiffusionModule.kind: DiffusionModule, CVAEModule.kind: CVAEModule}
-
-
-def load_module(path: str | Path, device: str = "auto", bf16: str = "auto", limits=None) -> GenerativeModule:
-    """Load and verify a module folder; a bad one raises ModuleFileError naming the file and why.
-
-    Everything the manifest declares is checked against `limits` (modules/limits.py) before any
-    tensor is built or the weights are read.
-    """
-    from .fileformat import ModuleFileError
-    from ..privacy import check_privacy_block
-    from .limits import Limits, check_declared, check_parameters
-
-    limits = limits or Limits()
-    where = str(Path(path) / "manifest.json")
-    manifest = read_manifest(path)
-    kinds = module_kinds()
-    if not isinstance(manifest["kind"], str) or manifest["kind"] not in kinds:
-        raise ModuleFileError(f"{where}: unknown module kind {str(manifest['kind'])[:40]!r}")
-    cls = kinds[manifest["kind"]]
-    check_declared(manifest, cls.presets["cpu"]["arch"], limits, where)
-    check_privacy_block(manifest, where)
-    try:
-        module = cls.from_manifest(manifest, device=device, bf16=bf16)
-        check_parameters(module, limits, where)
-        with torch.random.fork_rng(devices=[]):
-            net = module.build_network()
-    except (KeyError, TypeError, ValueError, RuntimeError, FedFactoryError) as e:
-        if isinstance(e, ModuleFileError):
-            raise
-        raise ModuleFileError(f"{where}: cannot build the declared architecture: {str(e)[:200]}") from None
-    state = read_weights(path, manifest, net.state_dict(), max_bytes=limits.max_module_bytes)
-    net.load_state_dict(state)
-    module.net = net.to(module.device).eval().requires_grad_(False)
-    module.saved_manifest = manifest
-    return module

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import GenerativeModule
+from .limits import is_int
+from .registry import register_kind
 
 
 class CVAE(nn.Module):
@@ -43,6 +45,13 @@ class CVAEModule(GenerativeModule):
                           "warmup_images": 0, "hflip": False, "beta": 1.0}},
     }
     presets["paper"] = presets["gpu"]  # the paper has no cVAE: its scale is the GPU preset
+    # beta weighs the KL term (beta-VAE, Higgins et al. 2017): a config key like any preset value (module.beta)
+    key_rules = {**GenerativeModule.key_rules, "channels": "positive", "latent": "positive", "beta": "non-negative"}
+
+    @classmethod
+    def arch_rules(cls, lim):
+        return {"channels": lambda v: is_int(v) and 1 <= v <= lim.max_channels,
+                "latent": lambda v: is_int(v) and 1 <= v <= lim.max_channels}
 
     def build_network(self):
         h, w, c = self.image_shape
@@ -62,3 +71,6 @@ class CVAEModule(GenerativeModule):
     def generate(self, labels, noise):
         h, w, _ = self.image_shape
         return self.net.decode(noise, labels, (h, w)).float()
+
+
+register_kind(CVAEModule)

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from ..tensors import to_float
+from ..utils import derive_seed
 from .base import GenerativeModule
+from .limits import ints, is_int, is_number
+from .registry import register_kind
 from .unet import UNet
 
 SIGMA_DATA = 0.5
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # sampling schedule (sigma_min is per preset, below)
+MIA_SIGMAS = (0.05, 0.2, 0.5, 1.0)   # the noise levels of the audit's per-example loss (data in [-1, 1])
 
 
 def denoise(net, x, sigma, labels):
@@ -80,6 +86,11 @@ SAMPLERS = {"heun": heun_sampler, "dpm2m": dpm_solver_2m}
 class DiffusionModule(GenerativeModule):
     kind = "diffusion"
     sampling_keys = ("sample_steps", "sampler", "sigma_min", "guidance")
+    samplers = tuple(SAMPLERS)
+    key_rules = {**GenerativeModule.key_rules, "channels": "positive", "num_blocks": "positive",
+                 "sample_steps": "positive", "guidance": "positive", "p_std": "positive",
+                 "sigma_min": "non-negative", "dropout": "non-negative", "label_dropout": "non-negative"}
+    per_example_loss_info = {"mia_sigmas": list(MIA_SIGMAS)}
     presets = {
         # ~0.9M parameters at 28 px; 2 CPU cores train two modules at 126-304 img/s each, by processor.
         # 32 base channels train 2.6x slower for no accuracy (Br35H, benchmarks/README.md).
@@ -111,6 +122,21 @@ class DiffusionModule(GenerativeModule):
                             "warmup_images": 1_000_000, "label_dropout": 0.0, "hflip": False, "p_mean": -1.2, "p_std": 1.2,
                             "sample_steps": 50, "sigma_min": SIGMA_MIN, "guidance": 1.0, "sampler": "heun"}},
     }
+
+    @classmethod
+    def arch_rules(cls, lim):
+        return {"channels": lambda v: is_int(v) and 1 <= v <= lim.max_channels,
+                "num_blocks": lambda v: is_int(v) and 1 <= v <= lim.max_blocks,
+                "channel_mult": lambda v: ints(v, 1, 16, lim.max_levels, 1),
+                "attn_resolutions": lambda v: ints(v, 1, lim.max_resolution, 8),
+                "dropout": lambda v: is_number(v) and 0 <= v < 1}
+
+    @classmethod
+    def training_rules(cls, lim):
+        return {**super().training_rules(lim),
+                "sample_steps": lambda v: is_int(v) and 1 <= v <= 1000,
+                "sigma_min": lambda v: is_number(v) and 0 < v < 80,
+                "guidance": lambda v: is_number(v) and 0 <= v <= 100}
 
     def build_network(self):
         h, w, c = self.image_shape
@@ -144,3 +170,26 @@ class DiffusionModule(GenerativeModule):
         steps, sigma_min = int(self.train_cfg["sample_steps"]), float(self.train_cfg["sigma_min"])
         sampler = SAMPLERS[self.train_cfg.get("sampler", "heun")]  # a module saved before 0.3 has none: Heun
         return sampler(D, latents, steps, sigma_min).clamp(-1, 1)
+
+    @torch.no_grad()
+    def per_example_loss(self, images: np.ndarray, labels: np.ndarray, seed: int, batch: int = 256) -> np.ndarray:
+        """Per image: the mean over MIA_SIGMAS of ||D(x + sigma n; sigma) - x||^2 with noise fixed per image."""
+        local = torch.as_tensor(np.searchsorted(self.classes, labels))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "audit", "mia-noise"))
+        out = []
+        for i in range(0, len(images), batch):
+            x = to_float(images[i : i + batch]).to(self.device)
+            y = local[i : i + batch].to(self.device)
+            total = torch.zeros(len(x), dtype=torch.float64)
+            for s in MIA_SIGMAS:
+                n = torch.randn(x.shape, generator=gen).to(self.device)
+                sigma = torch.full((len(x),), s, device=self.device)
+                # the module's own precision, as in sampling: fp32 would double the audit's time on bf16 units
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    d = denoise(self.net, x + s * n, sigma, y).float()
+                total += ((d - x) ** 2).flatten(1).mean(1).double().cpu()
+            out.append(total / len(MIA_SIGMAS))
+        return torch.cat(out).numpy()
+
+
+register_kind(DiffusionModule)

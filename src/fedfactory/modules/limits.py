@@ -35,57 +35,48 @@ class Limits:
                    num_classes=num_classes)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _ints(v, lo: int, hi: int, max_len: int, min_len: int = 0) -> bool:
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def ints(v, lo: int, hi: int, max_len: int, min_len: int = 0) -> bool:
+    """Is `v` a list of min_len..max_len integers in lo..hi?"""
     return (isinstance(v, list) and min_len <= len(v) <= max_len
-            and all(_is_int(x) and lo <= x <= hi for x in v))
+            and all(is_int(x) and lo <= x <= hi for x in v))
 
 
-def check_declared(manifest: dict, arch_keys, lim: Limits, where: str) -> None:
-    """Refuse (ModuleFileError) a manifest whose declared shapes, classes, counts or architecture exceed `lim`."""
+def check_declared(manifest: dict, kind, lim: Limits, where: str) -> None:
+    """Refuse (ModuleFileError) a manifest whose declared shapes, classes, counts, architecture or
+    sampling settings exceed `lim` or its kind's declared rules (`kind.arch_rules`, `kind.training_rules`)."""
     def refuse(why):
         raise ModuleFileError(f"{where}: {why}")
 
     shape = manifest["image_shape"]
-    if not (_ints(shape, 1, lim.max_resolution, 3, 3) and shape[2] in (1, 3)):
+    if not (ints(shape, 1, lim.max_resolution, 3, 3) and shape[2] in (1, 3)):
         refuse(f"image_shape must be [H, W, C] with H, W in 1..{lim.max_resolution} and C 1 or 3, got {shape!r:.80}")
     if lim.image_shape and tuple(shape) != tuple(lim.image_shape):
         refuse(f"image_shape {shape} is not the federation's {list(lim.image_shape)}")
     top = (lim.num_classes or lim.max_classes) - 1
     classes, counts = manifest["classes"], manifest["counts"]
-    if not _ints(classes, 0, top, top + 1, 1) or len(set(classes)) != len(classes) or classes != sorted(classes):
+    if not ints(classes, 0, top, top + 1, 1) or len(set(classes)) != len(classes) or classes != sorted(classes):
         refuse(f"classes must be distinct sorted class ids in 0..{top}, got {classes!r:.80}")
-    if not _ints(counts, 1, lim.max_count, len(classes), len(classes)):
+    if not ints(counts, 1, lim.max_count, len(classes), len(classes)):
         refuse(f"counts must give 1..{lim.max_count} images for each of the {len(classes)} classes, got {counts!r:.80}")
-    arch = manifest["arch"]
+    arch, arch_keys = manifest["arch"], kind.presets["cpu"]["arch"]
     if not isinstance(arch, dict) or set(arch) - set(arch_keys):
         refuse(f"arch must hold only {sorted(arch_keys)}, got {str(arch)[:80]}")
-    rules = {  # key -> is the declared value within the caps?
-        "channels": lambda v: _is_int(v) and 1 <= v <= lim.max_channels,
-        "latent": lambda v: _is_int(v) and 1 <= v <= lim.max_channels,
-        "num_blocks": lambda v: _is_int(v) and 1 <= v <= lim.max_blocks,
-        "channel_mult": lambda v: _ints(v, 1, 16, lim.max_levels, 1),
-        "attn_resolutions": lambda v: _ints(v, 1, lim.max_resolution, 8),
-        "dropout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
-    }
+    rules = kind.arch_rules(lim)  # key -> is the declared value within the caps?
     for k, v in arch.items():
         if not rules.get(k, lambda v: False)(v):
             refuse(f"arch.{k} = {v!r:.40} is outside what this server accepts")
     training = manifest.get("training", {})
     if not isinstance(training, dict):
         refuse("training must be an object")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    sampling = {  # what the receiver will run when it samples: bounded, so synthesis cannot hang or produce NaN
-        "sample_steps": lambda v: _is_int(v) and 1 <= v <= 1000,
-        "sigma_min": lambda v: number(v) and 0 < v < 80,
-        "guidance": lambda v: number(v) and 0 <= v <= 100,
-        "sampler": lambda v: v in ("heun", "dpm2m"),
-        "seed": _is_int,
-    }
-    for k, ok in sampling.items():
+    for k, ok in kind.training_rules(lim).items():  # what the receiver will run when it samples
         if k in training and not ok(training[k]):
             refuse(f"training.{k} = {training[k]!r:.40} is outside what this server accepts")
 

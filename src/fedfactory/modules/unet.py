@@ -54,6 +54,8 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """F(x, c_noise, class) for images of `resolution` px; `num_classes` + 1 labels (the last is null)."""
 
+    # many parameters because the image's shape and class count come with the arch keys of a module's
+    # manifest (channels ... dropout), which build it as UNet(..., **arch)
     def __init__(self, resolution: int, in_channels: int, num_classes: int, channels: int = 32,
                  channel_mult=(1, 2, 2), num_blocks: int = 2, attn_resolutions=(), dropout: float = 0.0):
         super().__init__()

@@ -12,16 +12,16 @@ generates images of every class the module covers and measures, per class and po
   nearest neighbour is a training image (0.5 = no preference). Its p-value comes from permuting
   the train/held-out labels of the references: many generated images can share a few nearest
   references, so they are not independent trials (in the spirit of Meehan et al. 2020);
-- **membership inference**: a loss-threshold attack. The module's denoising loss at a few fixed
-  noise levels (fixed noise per image) is lower on images it trained on; the AUC of that score,
-  training against held-out images, is 0.5 when nothing leaks.
+- **membership inference**: a loss-threshold attack. The module's per-example loss, which its kind
+  declares (modules/registry.py; diffusion: the denoising loss at a few fixed noise levels, fixed
+  noise per image), is lower on images it trained on; the AUC of that score, training against
+  held-out images, is 0.5 when nothing leaks. A kind without one gets no attack.
 
-Everything is seeded: the same module and images give the same audit.
+Everything is seeded: the same module and images give the same audit. The site's own report of it
+(closest pairs, training images) is written by audit_report.py, a layer above.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
-from ..modules.base import GenerativeModule, to_float
+from ..modules import GenerativeModule
+from ..tensors import to_float
 from ..utils import derive_seed
 
 COPY_RATIO = 1 / 3
-MIA_SIGMAS = (0.05, 0.2, 0.5, 1.0)   # the noise levels of the attack's loss (EDM units, data in [-1, 1])
 MIN_HOLDOUT = 5                       # fewer held-out images of a class: no test, no attack for it
 PERMUTATIONS = 4999                   # the closer-to-train test's resolution: p >= 1 / 5000
 
@@ -86,30 +86,6 @@ def nearest_two(query: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> tu
     return torch.cat(d1).numpy(), torch.cat(d2).numpy(), torch.cat(i1).numpy()
 
 
-@torch.no_grad()
-def denoising_losses(module: GenerativeModule, images: np.ndarray, labels: np.ndarray, seed: int,
-                     batch: int = 256) -> np.ndarray:
-    """Per image: the mean over MIA_SIGMAS of ||D(x + sigma n; sigma) - x||^2 with noise fixed per image."""
-    from ..modules.diffusion import denoise
-
-    local = torch.as_tensor(np.searchsorted(module.classes, labels))
-    gen = torch.Generator().manual_seed(derive_seed(seed, "audit", "mia-noise"))
-    out = []
-    for i in range(0, len(images), batch):
-        x = to_float(images[i : i + batch]).to(module.device)
-        y = local[i : i + batch].to(module.device)
-        total = torch.zeros(len(x), dtype=torch.float64)
-        for s in MIA_SIGMAS:
-            n = torch.randn(x.shape, generator=gen).to(module.device)
-            sigma = torch.full((len(x),), s, device=module.device)
-            # the module's own precision, as in sampling: fp32 would double the audit's time on bf16 units
-            with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=module.bf16):
-                d = denoise(module.net, x + s * n, sigma, y).float()
-            total += ((d - x) ** 2).flatten(1).mean(1).double().cpu()
-        out.append(total / len(MIA_SIGMAS))
-    return torch.cat(out).numpy()
-
-
 def audit(module: GenerativeModule, train_x: np.ndarray, train_y: np.ndarray, held_x: np.ndarray,
           held_y: np.ndarray, samples_per_class: int, seed: int) -> tuple[dict, list]:
     """The audit of a trained module against its site's training and held-out images (uint8 NHWC), and
@@ -117,7 +93,7 @@ def audit(module: GenerativeModule, train_x: np.ndarray, train_y: np.ndarray, he
     per_class, pooled = {}, {"copy": [], "copy_feat": [], "nn_counts": [], "is_train": [], "in": [], "out": []}
     worst = []  # (ratio, generated image, nearest training image), for the site's own report
     rng = np.random.default_rng(derive_seed(seed, module.client_id, "audit"))
-    can_attack = module.kind == "diffusion"
+    attack = module.per_example_loss  # a kind's own per-image loss (modules/registry.py), or None: no attack
     for c in module.classes:
         tx, hx = train_x[train_y == c], held_x[held_y == c]
         gen = module.sample(c, samples_per_class, seed=derive_seed(seed, "audit", module.client_id, c))
@@ -139,9 +115,9 @@ def audit(module: GenerativeModule, train_x: np.ndarray, train_y: np.ndarray, he
             row["closer_to_train"] = float(np.mean(is_train[nearest]))
             pooled["nn_counts"].append(np.bincount(nearest, minlength=len(refs)))
             pooled["is_train"].append(is_train)
-            if can_attack:
-                members = denoising_losses(module, tx[sub], np.full(len(sub), c), seed)
-                others = denoising_losses(module, hx, np.full(len(hx), c), seed)
+            if attack is not None:
+                members = np.asarray(attack(tx[sub], np.full(len(sub), c), seed), np.float64)
+                others = np.asarray(attack(hx, np.full(len(hx), c), seed), np.float64)
                 row["mia_auc"] = auc(members, others)
                 pooled["in"].append(members)
                 pooled["out"].append(others)
@@ -156,7 +132,7 @@ def audit(module: GenerativeModule, train_x: np.ndarray, train_y: np.ndarray, he
         members, others = np.concatenate(pooled["in"]), np.concatenate(pooled["out"])
         result["mia_auc"] = auc(members, others)
         result["mia_p"] = float(mannwhitneyu(members, others, alternative="less").pvalue)
-        result["mia_sigmas"] = list(MIA_SIGMAS)
+        result.update(module.per_example_loss_info)
     result["per_class"] = per_class
     worst.sort(key=lambda t: t[0])
     return result, worst[:16]
@@ -199,37 +175,3 @@ def verdict(result: dict, policy: dict) -> list[str]:
 
 ADVICE = ("what to try: a smaller module.budget_images (fewer passes over the same images), "
           "differential privacy (privacy.epsilon), or more images at this site")
-
-
-def write_site_report(folder: Path, client_id: str, result: dict, pairs: list) -> Path:
-    """The site's own audit report: its numbers and the closest pairs, worst first. It shows training
-    images, so it stays at the site: it is written beside the module folder, never inside it."""
-    from ..report import sample_grid, save_png
-    from ..utils import atomic_write_text
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if pairs:  # two rows per line of 8: generated images above their nearest training images
-        rows = []
-        for i in range(0, len(pairs), 8):
-            chunk = pairs[i : i + 8]
-            rows += [np.stack([g for _, g, _ in chunk]), np.stack([t for _, _, t in chunk])]
-        save_png(folder / "closest_pairs.png", sample_grid(rows), scale=2)
-    keys = ("copy_rate", "copy_rate_features", "closer_to_train", "train_vs_held_out_p", "mia_auc", "mia_p")
-    lines = [f"# Privacy audit of {client_id}'s module (site only: this folder shows training images)", "",
-             f"**{'passed' if result.get('passed', True) else 'FAILED'}**" +
-             ("" if result.get("passed", True) else ": " + "; ".join(result.get("reasons", []))), "",
-             "| measure | value |", "|---|---|",
-             *[f"| {k} | {result[k]:.4f} |" for k in keys if k in result], "",
-             "## Per class", "", "| class | generated | train | held out | copy rate | closer to train | MIA AUC |",
-             "|---|---|---|---|---|---|---|"]
-    for c, row in result["per_class"].items():
-        lines.append(f"| {c} | {row['generated']} | {row['train']} | {row['held_out']} | {row['copy_rate']:.3f} | "
-                     f"{row.get('closer_to_train', float('nan')):.3f} | {row.get('mia_auc', float('nan')):.3f} |")
-    lines += ["", "## Closest pairs", "",
-              "Each generated image (upper row) above its nearest training image (lower row), the closest "
-              "(lowest d1/d2) first. Near-identical pairs are copies.", "", "![closest pairs](closest_pairs.png)", "",
-              "What this does not promise: an audit measures leaks that these tests can see, at this sample size. "
-              "Only differential privacy (privacy.epsilon) bounds what any attack can learn.", ""]
-    path = folder / "audit.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path

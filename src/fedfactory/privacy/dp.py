@@ -8,22 +8,25 @@ manifest states. With noise multiplicity K (DPDM, Dockhorn et al. 2022) each ima
 averaged over K independent noise levels before its gradient is clipped: one clipped gradient
 per image per step, so K costs compute and no privacy.
 
-`GenerativeModule.fit` runs the loop (modules/base.py); this file holds the pieces. Opacus is
-imported only when DP is used: checking a peer's DP claim (`check_dp_block`) does not need it.
+`GenerativeModule.fit` runs the loop (modules/base.py) with a trainer; `DPTrainer` is the DP-SGD
+one, built from these pieces. Opacus is imported only when DP is used: checking a peer's DP claim
+(`check_dp_block`, modules/privacy_block.py) does not need it.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 
 import numpy as np
 import torch
 
 from ..errors import FedFactoryError
+from ..modules.privacy_block import ACCOUNTANTS, DP_FIELDS, check_dp_block  # noqa: F401 (re-exported)
+from ..modules.training import Trainer
+from ..utils import derive_seed
 
-DP_FIELDS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant")
-ACCOUNTANTS = ("prv", "rdp")
 COVERS = ("the training images (each image's influence on the weights); not the class counts in the manifest, "
           "nor the choice of hyper-parameters")
 
@@ -33,32 +36,6 @@ COVERS = ("the training images (each image's influence on the weights); not the 
 # below the true epsilon.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed", category=UserWarning)
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
-
-
-def check_dp_block(block, where: str) -> None:
-    """Refuse a DP claim that does not state (or states nonsense for) what makes it checkable."""
-    from . import _bad
-
-    if not isinstance(block, dict) or any(block.get(k) is None for k in DP_FIELDS):
-        raise _bad(where, f"a DP claim must state {', '.join(DP_FIELDS)}")
-
-    def number(key, ok, what):
-        v = block[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-            raise _bad(where, f"dp.{key} must be {what}; got {str(v)[:40]!r}")
-
-    number("epsilon", lambda v: v > 0, "a finite number > 0")
-    number("delta", lambda v: 0 < v < 1, "a number in (0, 1)")
-    number("noise_multiplier", lambda v: v > 0, "a finite number > 0")  # no noise: no finite epsilon
-    number("max_grad_norm", lambda v: v > 0, "a finite number > 0")
-    number("sample_rate", lambda v: 0 < v <= 1, "a number in (0, 1]")
-    if isinstance(block["steps"], bool) or not isinstance(block["steps"], int) or block["steps"] < 1:
-        raise _bad(where, f"dp.steps must be a positive integer; got {str(block['steps'])[:40]!r}")
-    if block["accountant"] not in ACCOUNTANTS:
-        raise _bad(where, f"dp.accountant must be one of {', '.join(ACCOUNTANTS)}; got {str(block['accountant'])[:40]!r}")
-    k = block.get("noise_multiplicity", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise _bad(where, f"dp.noise_multiplicity must be a positive integer; got {str(k)[:40]!r}")
 
 
 def spent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
@@ -169,3 +146,38 @@ def per_image_grads(params, images: int, k: int) -> None:
         else:
             g = p.grad_sample.to(p.dtype)
             p.grad_sample = g.reshape(images, k, *p.shape).mean(1) if k > 1 else g
+
+
+class DPTrainer(Trainer):
+    """DP-SGD as `GenerativeModule.fit`'s trainer: Poisson batches, per-sample gradient hooks on the
+    network's layers (so it is not compiled), clipped and noised steps; bf16 autocast stays (faster
+    here), the per-image gradients are clipped in fp32. The noise and the batches must be secret for
+    epsilon to hold: they are drawn from a seed that no one else knows (the operating system's), never
+    from the run seed in the manifest. `finish` returns the manifest's `dp` claim."""
+
+    def __init__(self, settings: dict):
+        self.settings = dict(settings)
+        self.p: dict | None = None  # the plan (plan()), once fit has told the site's size
+        self.secret: int | None = None
+        self.hooks = None
+
+    def plan(self, module, n: int, batch: int, budget_images: int) -> tuple[int, int, int]:
+        self.p = plan(self.settings, n, batch, budget_images)
+        return self.p["batch"], self.p["steps"], self.p["noise_multiplicity"]
+
+    def prepare(self, module, net: torch.nn.Module, opt: torch.optim.Optimizer):
+        self.secret = self.settings.get("secret_seed") or secrets.randbits(63)  # secret_seed: tests only
+        noise = torch.Generator(module.device).manual_seed(derive_seed(self.secret, "dp-noise"))
+        self.hooks, opt = make_private(net, opt, self.p, noise)
+        return net, opt  # not the wrapper: a kind's loss may call the network's own methods (cvae)
+
+    def batches(self, module, n: int, batch: int, steps: int):
+        rng = np.random.default_rng(derive_seed(self.secret, "dp-batches"))
+        return poisson_batches(rng, n, self.p["sample_rate"], steps, module.device)
+
+    def after_backward(self, params: list, images: int, rows_per_image: int) -> None:
+        per_image_grads(params, images, rows_per_image)
+
+    def finish(self) -> dict:
+        self.hooks.remove_hooks()
+        return claim(self.p)

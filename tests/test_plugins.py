@@ -1,0 +1,150 @@
+"""A third-party module kind, defined here and registered through the public hook, runs the whole
+pipeline (audit, factory, classifier) with no file in src/ edited; the entry point group finds one
+in an installed package."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedfactory.cli import main
+from fedfactory.config import load_config
+from fedfactory.errors import FedFactoryError
+from fedfactory.modules import GenerativeModule, load_module, module_kinds, register_kind, unregister_kind
+from fedfactory.modules import registry
+
+
+class ClassMeans(nn.Module):
+    def __init__(self, num_classes: int, shape: tuple[int, int, int]):
+        super().__init__()
+        self.means = nn.Parameter(torch.zeros(num_classes, *shape))
+
+
+class GaussianModule(GenerativeModule):
+    """A per-class Gaussian: it fits each class's mean image and samples noise around it."""
+
+    kind = "toy-gaussian"
+    presets = {"cpu": {"arch": {"spread": 0.3},
+                       "train": {"budget_images": 2048, "batch_size": 32, "lr": 0.05, "ema_halflife_images": 200,
+                                 "warmup_images": 0, "hflip": False, "shrink": 1.0}}}
+    key_rules = {**GenerativeModule.key_rules, "spread": "non-negative", "shrink": "positive"}
+    per_example_loss_info = {"toy_loss": "squared distance to the class mean"}
+
+    @classmethod
+    def arch_rules(cls, limits):
+        return {"spread": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 2}
+
+    def build_network(self):
+        h, w, c = self.image_shape
+        return ClassMeans(self.num_local_classes, (c, h, w))
+
+    def loss(self, net, x, labels, gen):
+        return ((x.float() - net.means[labels] * self.train_cfg["shrink"]) ** 2).mean()
+
+    def noise_shape(self):
+        h, w, c = self.image_shape
+        return (c, h, w)
+
+    def generate(self, labels, noise):
+        return (self.net.means[labels] + float(self.arch["spread"]) * noise).clamp(-1, 1)
+
+    @torch.no_grad()
+    def per_example_loss(self, images, labels, seed):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        local = torch.as_tensor(np.searchsorted(self.classes, labels))
+        return ((x - self.net.means[local].float()) ** 2).flatten(1).mean(1).double().numpy()
+
+
+@pytest.fixture
+def gaussian_kind():
+    register_kind(GaussianModule)
+    yield GaussianModule
+    unregister_kind(GaussianModule.kind)
+
+
+@pytest.fixture
+def digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.images * 255 / 16).astype(np.uint8)[..., None], d.target
+    keep = y < 4
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_train=x[keep][::2], y_train=y[keep][::2], x_test=x[keep][1::2], y_test=y[keep][1::2])
+    return path
+
+
+def test_a_registered_kind_runs_the_whole_pipeline(gaussian_kind, digits, tmp_path):
+    config = tmp_path / "toy.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [data]
+        name = "npz:{digits}"
+        [partition]
+        clients = 4
+        [module]
+        kind = "toy-gaussian"
+        spread = 0.2
+        shrink = 1.0
+        [factory]
+        per_class = 40
+        [classifier]
+        budget_images = 2048
+        batch_size = 64
+        width = 8
+        [quality]
+        reference_budget = 0
+        [runtime]
+        progress = false
+        parallel_clients = 1
+        """))
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["synthetic"]["per_class"] == [40, 40, 40, 40]
+    assert res["metrics"]["accuracy"] > 0.5  # class means of digits are far apart
+    for m in res["modules"]:
+        module = load_module(out / "modules" / m["client"])
+        assert isinstance(module, GaussianModule) and module.arch == {"spread": 0.2}
+        audit = module.saved_manifest["privacy"]["audit"]
+        # the audit called the kind's own per-example loss, without knowing the kind
+        assert 0 <= audit["mia_auc"] <= 1 and audit["toy_loss"] == "squared distance to the class mean"
+
+
+def test_a_registered_kind_is_checked_like_the_built_in_ones(gaussian_kind):
+    cfg = load_config(None, ["module.kind='toy-gaussian'", "module.spread=0.5"])
+    assert cfg["module"]["spread"] == 0.5
+    with pytest.raises(FedFactoryError, match="'module.shrink' must be > 0"):
+        load_config(None, ["module.kind='toy-gaussian'", "module.shrink=0.0"])
+    with pytest.raises(FedFactoryError, match="already registered"):
+        register_kind(type("Other", (GaussianModule,), {}))
+
+
+def test_a_kind_that_is_not_one_is_refused():
+    with pytest.raises(FedFactoryError, match="GenerativeModule subclass"):
+        register_kind(dict)
+    with pytest.raises(FedFactoryError, match="kind must match"):
+        register_kind(type("Bad", (GaussianModule,), {"kind": "Bad Name"}))
+
+
+def test_the_entry_point_group_finds_an_installed_kind(tmp_path, monkeypatch):
+    (tmp_path / "toyplugin.py").write_text(textwrap.dedent("""\
+        from test_plugins import GaussianModule
+
+        class EntryPointKind(GaussianModule):
+            kind = "toy-entry-point"
+        """))
+    info = tmp_path / "toyplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedfactory.modules]\ntoy-entry-point = toyplugin:EntryPointKind\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        registry.load_entry_points(again=True)
+        assert module_kinds()["toy-entry-point"].__name__ == "EntryPointKind"
+    finally:
+        unregister_kind("toy-entry-point")
