@@ -18,7 +18,7 @@ from ..data import Dataset, Partition
 from ..errors import FedFactoryError
 from ..modules.base import resolve_device, to_float, use_bf16
 from ..utils import derive_seed
-from .averaging import ALGORITHMS, FLClient, federated_training, state_bytes
+from .averaging import ALGORITHMS, FLClient, make_strategy, state_bytes
 
 METHODS = ("centralized", "local-only", *ALGORITHMS)
 
@@ -81,11 +81,12 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
             lp = predict_log_proba(model, ds.x_test, device, bf16)
             curve.append({"round": r + 1, "accuracy": float((lp.argmax(1) == ds.y_test).mean())})
             bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
+        bar.update(1)
 
     clients = [client(cid, idx) for cid, idx in part.indices.items()]
     with tqdm(total=b["rounds"], desc=method, unit="round", disable=None if cfg["runtime"]["progress"] else True, leave=False) as bar:
-        info = federated_training(method, net, clients, loss_fn, b["rounds"], b["lr"], seed, fraction=b["fraction"],
-                                  mu=b["mu"], alpha=b["alpha"], weight_decay=c["weight_decay"],
-                                  on_round=on_round, progress=bar)
+        strategy = make_strategy(method, lr=b["lr"], fraction=b["fraction"], weight_decay=c["weight_decay"],
+                                 mu=b["mu"], alpha=b["alpha"])
+        info = strategy.fit(net, clients, loss_fn, b["rounds"], seed, on_round=on_round)
     info["learning_curve"] = curve
     return predict_log_proba(net, ds.x_test, device, bf16), info
