@@ -263,3 +263,17 @@ def test_dp_takes_the_presets_dp_recipe_unless_the_config_sets_a_key():
     mine = new_module(load_config("configs/fashion-silos.toml", ["privacy.epsilon=10", "module.batch_size=32"]),
                       "client-0").train_cfg
     assert mine["batch_size"] == 32 and mine["lr"] == dp_train["lr"]
+
+
+def test_dp_is_a_trainer_handed_to_fit():
+    """The DP-SGD trainer passed to fit gives the same bits and claim as a module built with `dp` settings
+    and fitted without one (which asks the trainer privacy/ registers)."""
+    from fedfactory.modules import Trainer
+    from fedfactory.privacy import DPTrainer
+
+    x, y = data()
+    implicit = dp_module(secret_seed=7).fit(x, y)
+    explicit = dp_module(secret_seed=7).fit(x, y, trainer=DPTrainer({**DP, "secret_seed": 7}))
+    assert all(torch.equal(a, b) for a, b in zip(implicit.net.state_dict().values(), explicit.net.state_dict().values()))
+    assert explicit.privacy["dp"] == implicit.privacy["dp"]
+    assert "dp" not in explicit.fit(x, y, trainer=Trainer()).privacy  # a later plain fit drops the claim

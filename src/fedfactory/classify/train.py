@@ -36,6 +36,57 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float =
     return nll if smoothing == 0 else (1 - smoothing) * nll - smoothing * logp.mean()
 
 
+def _optimizer(net: torch.nn.Module, cfg: dict, steps: int, device: torch.device):
+    """SGD (Nesterov) or AdamW, and a linear warm-up into a cosine decay over `steps`."""
+    fused = device.type == "cuda"  # one kernel for all parameters on a GPU; the CPU keeps its loop (and bits)
+    if cfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True,
+                              weight_decay=cfg["weight_decay"], fused=fused)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
+    warmup = max(1, steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return opt, sched
+
+
+def _balanced_batches(labels: np.ndarray, num_classes: int, rng: np.random.Generator, steps: int, batch: int,
+                      device: torch.device):
+    """Class-balanced sampling: every class is drawn equally often whatever its share. Indices are
+    drawn a block of steps at a time and copied to the device once per block."""
+    counts = np.bincount(labels, minlength=num_classes)
+    cdf = np.cumsum(1.0 / counts[labels])
+    cdf /= cdf[-1]
+    for first in range(0, steps, INDEX_BLOCK):
+        u = rng.random((min(INDEX_BLOCK, steps - first), batch))
+        yield from torch.from_numpy(np.minimum(np.searchsorted(cdf, u), len(cdf) - 1)).to(device)
+
+
+def _ema_copy(net: torch.nn.Module, halflife: float):
+    """(EMA network, its tensors, net's tensors), or Nones without a half-life: the weights and the
+    BatchNorm statistics, averaged alike."""
+    if halflife <= 0:
+        return None, None, None
+    ema = copy.deepcopy(net).requires_grad_(False)
+    return (ema, [*ema.parameters(), *(b for b in ema.buffers() if b.is_floating_point())],
+            [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())])
+
+
+def _mixed_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float, smoothing: float,
+                device_type: str, bf16: bool) -> torch.Tensor:
+    """The batch's loss; with lam < 1 (mixup), each image blended with the batch's reversed order, and the loss with it."""
+    if lam < 1.0:  # written in x's own strides: augment's are channels-last, whose convolutions run ~1.4x faster here
+        x = torch.add(lam * x, (1 - lam) * x.flip(0), out=torch.empty_like(x))
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x)
+        loss = cross_entropy(logits, y, smoothing)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * cross_entropy(logits, y.flip(0), smoothing)
+    return loss
+
+
+# many parameters because the runtime's settings (augment policy, device, bf16, progress) come as keywords
+# beside the data and the recipe, as runtime.classifier_kw gives them to every caller
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, seed: int, name: str,
                      augment_policy: str = "natural", device: torch.device | str = "cpu", bf16: bool = False,
                      progress: bool = True) -> tuple[ResNet, dict]:
@@ -53,52 +104,24 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
         net = build_classifier(images.shape[-1], num_classes, cfg["preset"], cfg["width"]).to(device)
     batch = int(cfg["batch_size"])
     steps = max(1, math.ceil(cfg["budget_images"] / batch))
-    fused = device.type == "cuda"  # one kernel for all parameters on a GPU; the CPU keeps its loop (and bits)
-    if cfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True,
-                              weight_decay=cfg["weight_decay"], fused=fused)
-    else:
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
-    warmup = max(1, steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    # Class-balanced sampling: every class is drawn equally often whatever its share.
-    counts = np.bincount(labels, minlength=num_classes)
-    cdf = np.cumsum(1.0 / counts[labels])
-    cdf /= cdf[-1]
+    opt, sched = _optimizer(net, cfg, steps, device)
     rng = np.random.default_rng(derive_seed(seed, "classifier", name, "batches"))
     gen = torch.Generator(device).manual_seed(derive_seed(seed, "classifier", name, "augment"))
     smoothing, mixup = float(cfg.get("label_smoothing", 0.0)), float(cfg.get("mixup", 0.0))
     mix_rng = np.random.default_rng(derive_seed(seed, "classifier", name, "mixup"))
     halflife = float(cfg.get("ema_halflife_images", 0))
-    ema = copy.deepcopy(net).requires_grad_(False) if halflife > 0 else None
-    if ema is not None:  # the weights and the BatchNorm statistics, averaged alike
-        ema_tensors = [*ema.parameters(), *(b for b in ema.buffers() if b.is_floating_point())]
-        net_tensors = [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]
-    # uint8 on the device, converted per batch (a read-only array copied: torch warns on one); indices
-    # drawn a block of steps at a time.
+    ema, ema_tensors, net_tensors = _ema_copy(net, halflife)
+    # uint8 on the device, converted per batch (a read-only array copied: torch warns on one)
     pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device)
     y_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
-
-    def batches():
-        for first in range(0, steps, INDEX_BLOCK):
-            u = rng.random((min(INDEX_BLOCK, steps - first), batch))
-            yield from torch.from_numpy(np.minimum(np.searchsorted(cdf, u), len(cdf) - 1)).to(device)
 
     net.train()
     t0, loss_avg = time.perf_counter(), None
     bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
-    for step, idx in zip(bar, batches()):
+    for step, idx in zip(bar, _balanced_batches(labels, num_classes, rng, steps, batch, device)):
         x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg["blur"]), y_all[idx]
         lam = float(mix_rng.beta(mixup, mixup)) if mixup > 0 else 1.0
-        if lam < 1.0:  # mixup: each image blended with the batch's reversed order, the loss with it
-            # written in x's own strides: augment's are channels-last, whose convolutions run ~1.4x faster here
-            x = torch.add(lam * x, (1 - lam) * x.flip(0), out=torch.empty_like(x))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = net(x)
-            loss = cross_entropy(logits, y, smoothing)
-            if lam < 1.0:
-                loss = lam * loss + (1 - lam) * cross_entropy(logits, y.flip(0), smoothing)
+        loss = _mixed_loss(net, x, y, lam, smoothing, device.type, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,10 +135,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     bar.close()
     final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
     wall = time.perf_counter() - t0
-    if ema is not None:
-        net = ema
-    return net.eval(), {"train_seconds": round(wall, 2), "images_seen": steps * batch,
-                        "images_per_s": round(steps * batch / wall, 1), "final_loss": round(final_loss, 4)}
+    return (ema if ema is not None else net).eval(), {
+        "train_seconds": round(wall, 2), "images_seen": steps * batch,
+        "images_per_s": round(steps * batch / wall, 1), "final_loss": round(final_loss, 4)}
 
 
 @torch.no_grad()
