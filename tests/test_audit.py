@@ -149,3 +149,22 @@ def test_a_hostile_privacy_block_is_refused(tmp_path, block, why):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModuleFileError, match=why):
         load_module(path)
+
+
+def test_the_attack_is_the_kinds_own_loss_and_a_kind_without_one_gets_none():
+    """The audit calls a kind's declared per-example loss without knowing the kind (modules/registry.py)."""
+    from fedfactory.modules.cvae import CVAEModule
+    from fedfactory.privacy.audit import audit
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8), np.repeat([0, 1], 30)
+    train, held = holdout_split(y, 0.5, 0, "c")
+    module = CVAEModule({"channels": 8, "latent": 4}, {"budget_images": 32, "batch_size": 16},
+                        progress=False).fit(x[train], y[train])
+    result, _ = audit(module, x[train], y[train], x[held], y[held], 20, seed=0)
+    assert "mia_auc" not in result and "mia_sigmas" not in result  # the cVAE declares no per-example loss
+    calls = []
+    module.per_example_loss = lambda images, labels, seed: calls.append(len(images)) or images.reshape(len(images), -1).mean(1)
+    module.per_example_loss_info = {"attack": "a test's"}
+    result, _ = audit(module, x[train], y[train], x[held], y[held], 20, seed=0)
+    assert calls and 0 <= result["mia_auc"] <= 1 and 0 <= result["mia_p"] <= 1 and result["attack"] == "a test's"

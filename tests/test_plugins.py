@@ -30,7 +30,7 @@ class GaussianModule(GenerativeModule):
 
     kind = "toy-gaussian"
     presets = {"cpu": {"arch": {"spread": 0.3},
-                       "train": {"budget_images": 2048, "batch_size": 32, "lr": 0.05, "ema_halflife_images": 200,
+                       "train": {"budget_images": 1024, "batch_size": 32, "lr": 0.05, "ema_halflife_images": 200,
                                  "warmup_images": 0, "hflip": False, "shrink": 1.0}}}
     key_rules = {**GenerativeModule.key_rules, "spread": "non-negative", "shrink": "positive"}
     per_example_loss_info = {"toy_loss": "squared distance to the class mean"}
@@ -91,11 +91,13 @@ def test_a_registered_kind_runs_the_whole_pipeline(gaussian_kind, digits, tmp_pa
         spread = 0.2
         shrink = 1.0
         [factory]
-        per_class = 40
+        per_class = 30
         [classifier]
         budget_images = 2048
         batch_size = 64
         width = 8
+        [privacy]
+        audit_samples = 50
         [quality]
         reference_budget = 0
         [runtime]
@@ -105,8 +107,8 @@ def test_a_registered_kind_runs_the_whole_pipeline(gaussian_kind, digits, tmp_pa
     out = tmp_path / "run"
     assert main(["run", str(config), "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["synthetic"]["per_class"] == [40, 40, 40, 40]
-    assert res["metrics"]["accuracy"] > 0.5  # class means of digits are far apart
+    assert res["synthetic"]["per_class"] == [30, 30, 30, 30]
+    assert res["metrics"]["accuracy"] > 0.4  # above chance (4 classes): class means of digits are far apart
     for m in res["modules"]:
         module = load_module(out / "modules" / m["client"])
         assert isinstance(module, GaussianModule) and module.arch == {"spread": 0.2}
