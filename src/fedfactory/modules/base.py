@@ -7,8 +7,10 @@ Shape of the API (scikit-learn-like, plain arrays in and out):
     module.save("modules/client-3"); module = load_module("modules/client-3")
 
 A client with several classes trains ONE class-conditional network over them. Subclasses
-define the network, the loss and the sampler; this file holds what they share: the seeded
-training loop (batches, EMA, bf16), chunked seeded sampling, and the module file format.
+define the network, the loss and the sampler, and declare their capabilities to the registry
+(registry.py); this file holds what they share: the seeded training loop (batches, EMA, bf16; a
+trainer from training.py plans and steps it, DP-SGD being privacy/'s), chunked seeded sampling,
+and the manifest. Loading a module folder is loading.py's.
 """
 
 from __future__ import annotations
