@@ -6,11 +6,49 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-    reason="Fashion-MNIST not installed: sudo apt-get install dataset-fashion-mnist",
-)
+# FASHION and needs_fashion are for test_audit.py, which imports them from here
+from helpers import FASHION, digits_file, needs_fashion, write_image_folder  # noqa: F401
+
+# Fixtures shared by several test files; plain helpers are in helpers.py. Test files import neither
+# this file nor each other.
+
+# The toy Flower federation: three sites of the digits 0-2.
+FLOWER_TOY = """seed = 0
+[data]
+name = "npz:{npz}"
+[partition]
+scheme = "silos"
+clients = 3
+[module]
+channels = 8
+channel_mult = [1, 2]
+num_blocks = 1
+budget_images = 128
+batch_size = 32
+sample_steps = 2
+[factory]
+per_class = 20
+[classifier]
+budget_images = 256
+batch_size = 64
+width = 8
+[quality]
+reference_budget = 256
+[runtime]
+threads = 1
+progress = false
+"""
+
+# The consortium of the hospitals fixture: a data set that does not exist, the sites hold the images.
+CONSORTIUM_TOY = """seed = 0
+data = {{name = "npz:{npz}", classes = ["zero", "one", "two", "three"], size = 8, channels = 1}}
+partition = {{scheme = "silos", clients = 2}}
+module = {{channels = 8, channel_mult = [1, 2], num_blocks = 1, budget_images = 1024, batch_size = 32, sample_steps = 3}}
+factory = {{per_class = 30}}
+classifier = {{budget_images = 1024, batch_size = 64, width = 8}}
+quality = {{reference_budget = 0}}
+runtime = {{threads = 1, parallel_clients = 1, progress = false}}
+"""
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:
@@ -59,6 +97,53 @@ def device_reads(monkeypatch):
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     return calls
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory):
+    """The toy pipeline's data set: sklearn's digits 0-3 (8 x 8 px) as an .npz (toy_overrides runs on it)."""
+    return digits_file(tmp_path_factory.mktemp("data") / "digits.npz", classes=4)
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    """A run config for the toy Flower federation, on the digits 0-2."""
+    folder = tmp_path_factory.mktemp("flower")
+    path = folder / "toy.toml"
+    path.write_text(FLOWER_TOY.format(npz=digits_file(folder / "digits.npz", classes=3)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory):
+    """Two hospitals' training and test folders (digits, two classes each), and a consortium config whose
+    data set does not exist: a coordinator that read any image would fail."""
+    from fedfactory.config import load_config
+    from fedfactory.runners.embedded import prepare_data
+    from fedfactory.server import evaluation_split
+
+    root = tmp_path_factory.mktemp("hospitals")
+    names = ["zero", "one", "two", "three"]
+    cfg = load_config(None, [f"data.name='npz:{digits_file(root / 'public.npz', classes=4)}'", "partition.clients=2"])
+    ds, part = prepare_data(cfg)
+    test = evaluation_split(cfg, ds)
+    for cid, idx in sorted(part.indices.items()):
+        write_image_folder(root / "sites" / cid, ds.x_train[idx], ds.y_train[idx], names)
+        own = np.isin(test.labels, np.unique(ds.y_train[idx]))  # each hospital tests on its own classes
+        write_image_folder(root / "tests" / cid, test.images[own], test.labels[own], names)
+    config = root / "consortium.toml"
+    config.write_text(CONSORTIUM_TOY.format(npz=root / "nowhere.npz"))
+    return root, config, test
+
+
+@pytest.fixture
+def in_a_run(monkeypatch):
+    """Flower builds a Message only inside a run (the ServerApp's process knows its run id): for the
+    tests that build Messages in this process (`pytestmark = pytest.mark.usefixtures("in_a_run")`)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for identity in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, identity, 1)
 
 
 @pytest.fixture

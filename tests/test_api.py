@@ -14,7 +14,7 @@ from PIL import Image
 
 import fedfactory
 from fedfactory.config import dumps, load_config
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import toy_overrides
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 API = {"load_config", "run", "compare", "unlearn", "site_train", "site_audit", "site_expert", "site_evaluate",
@@ -43,7 +43,7 @@ def readme_example() -> str:
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs_as_written(digits_npz, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_the_readme_example_runs_as_written(digits_npz, tmp_path, monkeypatch, capsys):
     """The example's own paths in a folder that holds a toy config under the main job's name and a few scans."""
     toy = ["partition.clients=2", "module.budget_images=512", "factory.per_class=20", "classifier.budget_images=512",
            "quality.reference_budget=0", "privacy.holdout=0"]

@@ -10,9 +10,7 @@ from fedfactory.classify import predict_log_proba, train_classifier
 from fedfactory.classify.train import cross_entropy
 from fedfactory.config import load_config
 from fedfactory.errors import FedFactoryError
-
-BASE = {"preset": "cpu", "width": 8, "budget_images": 16 * 12, "batch_size": 16, "optimizer": "sgd", "lr": 0.05,
-        "weight_decay": 5e-4, "blur": 0.0}
+from helpers import TINY_CLASSIFIER
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,7 @@ def weights(net) -> dict:
 
 
 def fit(data, **options) -> dict:
-    net, _ = train_classifier(*data, 3, {**BASE, **options}, 0, "t", progress=False)
+    net, _ = train_classifier(*data, 3, {**TINY_CLASSIFIER, **options}, 0, "t", progress=False)
     return weights(net)
 
 
@@ -59,7 +57,7 @@ def test_the_ema_averages_weights_and_batchnorm_statistics_and_ramps_up(data):
     # would return the initial weights: chance on three classes that differ only in brightness.
     x = np.repeat(np.array([0, 128, 255], np.uint8), 30)[:, None, None, None] * np.ones((1, 12, 12, 1), np.uint8)
     y = np.repeat(np.arange(3), 30)
-    options = {**BASE, "budget_images": 16 * 40, "blur": 0.0}
+    options = {**TINY_CLASSIFIER, "budget_images": 16 * 40, "blur": 0.0}
     for halflife in (0, 1e9):
         net, _ = train_classifier(x, y, 3, {**options, "ema_halflife_images": halflife}, 0, "t", "none", progress=False)
         assert (predict_log_proba(net, x).argmax(1) == y).mean() == 1.0, halflife

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from conftest import needs_fashion
+from helpers import needs_fashion
 
 
 def fedfactory(*args, cwd=None):

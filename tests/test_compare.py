@@ -3,12 +3,12 @@ import json
 import pytest
 
 from fedfactory.cli import main
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import toy_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, capsys):  # noqa: F811
+def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, capsys):
     methods = "factory,centralized,local-only,fedavg,fedprox,scaffold,feddyn"
     args = ["compare", "configs/fashion-silos.toml", "--methods", methods, "--seeds", "1,2", "--out", str(tmp_path / "cmp")]
     args += sum((["--set", o] for o in toy_overrides(digits_npz) + ["baselines.rounds=2", "classifier.budget_images=512"]), [])

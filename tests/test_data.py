@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import needs_fashion
+from helpers import needs_fashion
 from fedfactory.data import load_dataset
 from fedfactory.data import br35h as br35h_loader
 from fedfactory.errors import FedFactoryError

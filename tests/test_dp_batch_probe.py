@@ -1,19 +1,15 @@
 """benchmarks/dp_batch_probe.py at toy size (its measurement: the command in benchmarks/README.md)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import benchmark_script, toy_overrides
 
-_spec = importlib.util.spec_from_file_location("probe", Path(__file__).parents[1] / "benchmarks" / "dp_batch_probe.py")
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+probe = benchmark_script("dp_batch_probe")
 
 
-def test_each_variant_trains_a_dp_module_at_the_target_epsilon_and_is_measured(digits_npz, tmp_path):  # noqa: F811
+def test_each_variant_trains_a_dp_module_at_the_target_epsilon_and_is_measured(digits_npz, tmp_path):
     sets = toy_overrides(digits_npz) + ["module.budget_images=256", "quality.reference_budget=512", "privacy.epsilon=10"]
     out = tmp_path / "probe.json"
     assert probe.main(["configs/fashion-silos.toml", "--client", "client-1", *sum((["--set", s] for s in sets), []),

@@ -4,35 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.factory import synthesize
 from fedfactory.modules import load_module
 from fedfactory.runners.embedded import run
+from helpers import toy_overrides
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def digits_npz(tmp_path_factory):
-    d = load_digits()
-    x = (d.images * 255 / 16).astype(np.uint8)
-    y = d.target
-    keep = y < 4  # four classes keep the toy run short
-    x, y = x[keep], y[keep]
-    path = tmp_path_factory.mktemp("data") / "digits.npz"
-    np.savez(path, x_train=x[::2], y_train=y[::2], x_test=x[1::2], y_test=y[1::2])
-    return path
-
-
-def toy_overrides(npz, mode="server", scheme="silos", clients=4):
-    return [f"data.name='npz:{npz}'", f"partition.scheme='{scheme}'", f"partition.clients={clients}",
-            "module.channels=8", "module.channel_mult=[1, 2]", "module.num_blocks=1",
-            "module.budget_images=2048", "module.batch_size=32", "module.sample_steps=3",
-            "factory.per_class=40", "classifier.budget_images=2048", "classifier.batch_size=64",
-            "classifier.width=8", "quality.reference_budget=1024", f"classifier.mode='{mode}'", "runtime.progress=false", "runtime.parallel_clients=1"]
 
 
 @pytest.mark.parametrize("mode", ["server", "local"])

@@ -14,7 +14,7 @@ from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.modules import load_module
 from fedfactory.runners.embedded import run
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import toy_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def _sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(digits_npz, tmp_path):  # noqa: F811
+def test_a_killed_run_resumes_to_the_uninterrupted_result(digits_npz, tmp_path):
     overrides = toy_overrides(digits_npz) + ["runtime.threads=1"]  # bits depend on the thread count
     killed = tmp_path / "killed"
     proc = _cli("run", "configs/fashion-silos.toml", "--out", str(killed), *_sets(overrides))
@@ -67,7 +67,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_files(digits_npz, small_disk):  # noqa: F811
+def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_files(digits_npz, small_disk):
     out = small_disk / "run"
     proc = _cli("run", "configs/fashion-silos.toml", "--out", str(out), *_sets(toy_overrides(digits_npz)))
     _, err = proc.communicate(timeout=600)
@@ -80,7 +80,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_files(digits_npz, sm
     json.loads((out / "registry.json").read_text())
 
 
-def test_a_read_only_run_folder_is_a_clear_error(digits_npz, small_disk):  # noqa: F811
+def test_a_read_only_run_folder_is_a_clear_error(digits_npz, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     proc = _cli("run", "configs/fashion-silos.toml", "--out", str(small_disk / "run"), *_sets(toy_overrides(digits_npz)))
     _, err = proc.communicate(timeout=300)

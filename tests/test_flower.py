@@ -4,61 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from fedfactory.errors import FedFactoryError
 from fedfactory.runners.flower.federation import LocalFederation, federate, flower_tools_missing
+from helpers import assert_same_run, write_image_folder
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(bool(flower_tools_missing()), reason="Flower CLI not installed")]
-
-TOY = """seed = 0
-[data]
-name = "npz:{npz}"
-[partition]
-scheme = "silos"
-clients = 3
-[module]
-channels = 8
-channel_mult = [1, 2]
-num_blocks = 1
-budget_images = 128
-batch_size = 32
-sample_steps = 2
-[factory]
-per_class = 20
-[classifier]
-budget_images = 256
-batch_size = 64
-width = 8
-[quality]
-reference_budget = 256
-[runtime]
-threads = 1
-progress = false
-"""
-
-
-def assert_same_run(flower_dir, embedded_dir, embedded: dict) -> None:
-    """A Flower run equals the embedded one: metrics, synthetic set, and every module byte for byte."""
-    flower = json.loads((flower_dir / "results.json").read_text())
-    assert flower["metrics"] == embedded["metrics"]
-    assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
-    for cid in ("client-0", "client-1", "client-2"):
-        assert (flower_dir / "modules" / cid / "module.safetensors").read_bytes() == \
-            (embedded_dir / "modules" / cid / "module.safetensors").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def toy_config(tmp_path_factory):
-    d = load_digits()
-    x, y = (d.images * 255 / 16).astype(np.uint8), d.target
-    keep = y < 3
-    folder = tmp_path_factory.mktemp("flower")
-    np.savez(folder / "digits.npz", x_train=x[keep][::2], y_train=y[keep][::2], x_test=x[keep][1::2], y_test=y[keep][1::2])
-    path = folder / "toy.toml"
-    path.write_text(TOY.format(npz=folder / "digits.npz"))
-    return path
 
 
 def test_one_shot_federation_matches_the_embedded_run(toy_config, tmp_path):
@@ -127,7 +79,6 @@ def test_sites_use_their_own_folders_and_the_server_holds_only_a_test_set(toy_co
     from fedfactory.config import load_config
     from fedfactory.runners.embedded import prepare_data, run
     from fedfactory.server import evaluation_split
-    from test_sites import write_image_folder
 
     names = ["class 0", "class 1", "class 2"]
     cfg = load_config(toy_config, [f"data.classes={names}"])

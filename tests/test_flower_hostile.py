@@ -14,7 +14,6 @@ import pytest
 from fedfactory.config import load_config
 from fedfactory.runners.embedded import run
 from fedfactory.runners.flower.federation import LocalFederation, failure_lines, flower_tools_missing, run_config
-from test_flower import toy_config  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(bool(flower_tools_missing()), reason="Flower CLI not installed")]
@@ -51,7 +50,7 @@ def _rejections(log: str) -> dict[int, str]:
     return out
 
 
-def test_hostile_sites_are_rejected_by_node_and_harm_nothing(toy_config, tmp_path):  # noqa: F811
+def test_hostile_sites_are_rejected_by_node_and_harm_nothing(toy_config, tmp_path):
     victim = tmp_path / "victim"  # where "../../victim" from out/modules/ points
     victim.mkdir()
     (victim / "patients.csv").write_text("precious")
@@ -84,7 +83,7 @@ def test_hostile_sites_are_rejected_by_node_and_harm_nothing(toy_config, tmp_pat
     assert not (out / ".incoming").exists()
 
 
-def test_an_authenticated_node_cannot_upload_as_another_hospital(toy_config, tmp_path):  # noqa: F811
+def test_an_authenticated_node_cannot_upload_as_another_hospital(toy_config, tmp_path):
     """With TLS and SuperNode authentication each key is registered under its client id: the server
     decides who a node is, so node 2's claim to be client-0 is refused, whatever order replies come in."""
     envs = [{}, {}, attack("impersonate", FEDFACTORY_VICTIM_ID="client-0")]
@@ -101,7 +100,7 @@ def test_an_authenticated_node_cannot_upload_as_another_hospital(toy_config, tmp
     assert modules[0]["sha256"] == embedded["modules"][0]["sha256"]  # the honest client-0's, not the impostor's
 
 
-def test_a_superlink_restart_fails_the_run_cleanly_and_resume_keeps_the_modules(toy_config, tmp_path):  # noqa: F811
+def test_a_superlink_restart_fails_the_run_cleanly_and_resume_keeps_the_modules(toy_config, tmp_path):
     out = tmp_path / "run"
     envs = [{}, {}, attack("slow", FEDFACTORY_DELAY="40")]  # node 2 is slow: the others' modules land first
     with LocalFederation(3, node_envs=envs) as fed:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from fedfactory.runners.flower.federation import LocalFederation, federate, flower_tools_missing, write_node_keys
-from test_flower import assert_same_run, toy_config  # noqa: F401  (fixture)
+from helpers import assert_same_run
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(bool(flower_tools_missing()), reason="Flower CLI not installed")]
 
 
-def test_one_shot_federation_over_tls_matches_the_embedded_run(toy_config, tmp_path):  # noqa: F811
+def test_one_shot_federation_over_tls_matches_the_embedded_run(toy_config, tmp_path):
     from fedfactory.config import load_config
     from fedfactory.runners.embedded import run
 

@@ -1,6 +1,6 @@
 """Fuzzing every reader of untrusted input: only FedFactoryError (one line) may come out.
 
-The generators live in benchmarks/fuzz.py (its long run: `python benchmarks/fuzz.py --seconds 300`);
+The generators live in tests/fuzzing.py (their long run: `python benchmarks/fuzz.py --seconds 300`);
 here hypothesis drives them (a derandomized random.Random), a few thousand cases in all. Then
 the hostile pickles, the bounded-memory checks, and one regression test per bug that fuzzing found.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import pickle
@@ -26,11 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fuzzing
 from fedfactory.errors import FedFactoryError
-
-_spec = importlib.util.spec_from_file_location("fedfactory_fuzz", Path(__file__).parents[1] / "benchmarks" / "fuzz.py")
-fuzz = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fuzz)
+from helpers import benchmark_script
 
 # cases per target: about 3,000 in all, under a minute on 2 cores
 EXAMPLES = {"manifest": 400, "module_weights": 150, "module_manifest": 250, "messages": 400, "npz": 400,
@@ -39,8 +36,8 @@ EXAMPLES = {"manifest": 400, "module_weights": 150, "module_manifest": 250, "mes
 
 @pytest.fixture(scope="module")
 def trained_module():
-    """A real tiny diffusion module (trained once; fuzz.valid_module caches it for the generators)."""
-    return fuzz.valid_module()
+    """A real tiny diffusion module (trained once; fuzzing.valid_module caches it for the generators)."""
+    return fuzzing.valid_module()
 
 
 @pytest.fixture(autouse=True)
@@ -51,13 +48,13 @@ def _quiet(recwarn):
 
 @pytest.mark.parametrize("target", sorted(EXAMPLES))
 def test_fuzz(target, trained_module):
-    assert set(EXAMPLES) == set(fuzz.TARGETS)
+    assert set(EXAMPLES) == set(fuzzing.TARGETS)
 
     @settings(max_examples=EXAMPLES[target], deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(rng=st.randoms(use_true_random=False))
     def check(rng):
-        fuzz.run_case(fuzz.TARGETS[target], rng)
+        fuzzing.run_case(fuzzing.TARGETS[target], rng)
 
     check()
 
@@ -73,14 +70,14 @@ def test_valid_seeds_are_accepted(trained_module, tmp_path):
     (tmp_path / "m" / "module.safetensors").write_bytes(blob)
     (tmp_path / "m" / "manifest.json").write_bytes(manifest)
     assert load_module(tmp_path / "m", device="cpu").classes == [0, 1]
-    (tmp_path / "d.npz").write_bytes(fuzz.valid_npz("plain", True))
+    (tmp_path / "d.npz").write_bytes(fuzzing.valid_npz("plain", True))
     assert npz.load(str(tmp_path / "d.npz")).x_train.shape == (6, 8, 8, 1)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    for i, name in enumerate(fuzz.CIFAR_FILES):
-        (folder / name).write_bytes(fuzz.cifar_batch(2, i, protocol=[0, 1, 2, 3, 4, 2][i]))
+    for i, name in enumerate(fuzzing.CIFAR_FILES):
+        (folder / name).write_bytes(fuzzing.cifar_batch(2, i, protocol=[0, 1, 2, 3, 4, 2][i]))
     assert cifar10.load(str(tmp_path)).x_train.shape == (10, 32, 32, 3)
-    (tmp_path / "f-idx.gz").write_bytes(gzip.compress(fuzz.idx_bytes(np.zeros((2, 3, 4), np.uint8))))
+    (tmp_path / "f-idx.gz").write_bytes(gzip.compress(fuzzing.idx_bytes(np.zeros((2, 3, 4), np.uint8))))
     assert idx.read_idx(tmp_path / "f-idx.gz").shape == (2, 3, 4)
     m = {"weights_sha256": hashlib.sha256(blob).hexdigest()}
     assert messages.read_module(messages.module_content(blob, m)) == (blob, m)
@@ -89,18 +86,18 @@ def test_valid_seeds_are_accepted(trained_module, tmp_path):
 # -- pickles: refused, and nothing runs --------------------------------------------------------
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
-@pytest.mark.parametrize("which", range(len(fuzz.hostile_pickles(Path("/nonexistent")))))
+@pytest.mark.parametrize("which", range(len(fuzzing.hostile_pickles(Path("/nonexistent")))))
 def test_hostile_pickles_are_refused_and_never_run(tmp_path, which, protocol):
     from fedfactory.data import cifar10
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    evil = fuzz.hostile_pickles(marker)[which]
-    for i, name in enumerate(fuzz.CIFAR_FILES):
-        (folder / name).write_bytes(fuzz.cifar_batch(2, i))
+    evil = fuzzing.hostile_pickles(marker)[which]
+    for i, name in enumerate(fuzzing.CIFAR_FILES):
+        (folder / name).write_bytes(fuzzing.cifar_batch(2, i))
     for payload in (evil, {b"data": evil, b"labels": [1, 2]}, {b"data": np.zeros((2, 3072), np.uint8), b"labels": evil}):
-        (folder / "data_batch_3").write_bytes(fuzz._pickle_dumps(payload, protocol))
+        (folder / "data_batch_3").write_bytes(fuzzing._pickle_dumps(payload, protocol))
         with pytest.raises(FedFactoryError) as e:
             cifar10.load(str(tmp_path))
         assert "\n" not in str(e.value)
@@ -112,7 +109,7 @@ def test_cifar_refuses_classes_outside_the_allow_list_by_name(tmp_path):
 
     from fedfactory.data import cifar10
 
-    (tmp_path / "b").write_bytes(pickle.dumps(fuzz.Reduce(os.system, f"touch {tmp_path / 'PWNED'}"), protocol=2))
+    (tmp_path / "b").write_bytes(pickle.dumps(fuzzing.Reduce(os.system, f"touch {tmp_path / 'PWNED'}"), protocol=2))
     with pytest.raises(FedFactoryError, match=r"refused to load (posix|os)\.system"):
         cifar10.read_batch(tmp_path / "b")
     assert not (tmp_path / "PWNED").exists()
@@ -174,7 +171,7 @@ def test_npz_member_claiming_huge_shape_fails_fast(tmp_path, shape):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for key in npz.PLAIN_KEYS:
-            z.writestr(key + ".npy", fuzz.npy_bytes("|u1", shape, body=b"\x00" * 64))
+            z.writestr(key + ".npy", fuzzing.npy_bytes("|u1", shape, body=b"\x00" * 64))
     (tmp_path / "d.npz").write_bytes(buf.getvalue())
     assert _peak_bytes(lambda: npz.load(str(tmp_path / "d.npz"))) < 4 << 20
 
@@ -225,7 +222,7 @@ def test_message_array_claiming_huge_size_fails_fast(shape):
 
     from fedfactory.runners.flower import messages
 
-    data = fuzz.npy_bytes("|u1", shape if shape[0] >= 0 else (4,), body=b"abcd")
+    data = fuzzing.npy_bytes("|u1", shape if shape[0] >= 0 else (4,), body=b"abcd")
     rec = ArrayRecord()
     rec["bytes"] = Array(dtype="uint8", shape=shape, stype="numpy.ndarray", data=data)
     content = RecordDict({"weights": rec})
@@ -263,7 +260,7 @@ def test_message_manifest_must_be_a_json_object(text, match):
 # -- regressions: bugs that fuzzing found in the module loader and the message decoder ------------
 
 def _module_dir(tmp: Path, blob: bytes, manifest) -> Path:
-    fuzz._write_module(tmp / "m", blob, manifest)
+    fuzzing._write_module(tmp / "m", blob, manifest)
     return tmp / "m"
 
 
@@ -322,7 +319,7 @@ def test_fuzz_found_have_deep_json():
 def test_fuzz_cli_smoke(tmp_path, trained_module):
     """The long run's entry point: a table and a JSON file, zero other exceptions."""
     out = tmp_path / "fuzz.json"
-    assert fuzz.main(["--examples", "20", "--targets", "idx,messages", "--out", str(out)]) == 0
+    assert benchmark_script("fuzz").main(["--examples", "20", "--targets", "idx,messages", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["totals"]["cases"] == 20 and result["totals"]["other"] == 0
 

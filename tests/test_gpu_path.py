@@ -1,10 +1,8 @@
 """The GPU path, checked where CI runs (no GPU): the prepared GPU check in its CPU form, the
 determinism switches, loops that do not wait on the device, and configs that need no internet."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +12,9 @@ import torch.nn.functional as F
 from fedfactory.classify.train import cross_entropy, train_classifier
 from fedfactory.config import load_config
 from fedfactory.runtime import cuda_determinism
+from helpers import ROOT, benchmark_script
 
-ROOT = Path(__file__).parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
+gpu_check = benchmark_script("gpu_check")
 
 
 def test_gpu_check_runs_every_section_in_its_cpu_form(tmp_path, capsys):

@@ -10,15 +10,14 @@ import pytest
 from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.runners.embedded import prepare_data, run
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
-from test_sites import write_image_folder
+from helpers import toy_overrides, write_image_folder
 
 pytestmark = pytest.mark.slow
 NAMES = ["class 0", "class 1", "class 2", "class 3"]
 
 
 @pytest.fixture(scope="module")
-def federation(digits_npz, tmp_path_factory):  # noqa: F811
+def federation(digits_npz, tmp_path_factory):
     """Four honest single-class modules, the liar's module, and the consortium's --set flags."""
     root = tmp_path_factory.mktemp("liar")
     sets = toy_overrides(digits_npz) + ["quality.reference_budget=0", "runtime.threads=1"]

@@ -27,7 +27,7 @@ import pytest
 
 from fedfactory.cli import main
 from fedfactory.runners.flower.federation import APP_DIR, BIN, flower_tools_missing
-from test_site_control import STRICT, assert_pooled_equals_union, hospitals, union_metrics  # noqa: F401  (fixture)
+from helpers import STRICT, assert_pooled_equals_union, union_metrics
 
 
 HOST, PORT = "coordinator.fedfactory.test", 8000
@@ -261,7 +261,7 @@ def test_tls_material_on_one_machine_is_for_loopback_as_before(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(bool(flower_tools_missing()), reason="Flower CLI not installed")
 def test_the_multi_machine_recipe_across_namespaces_survives_a_superlink_restart(
-        hospitals, namespaces, tmp_path):  # noqa: F811
+        hospitals, namespaces, tmp_path):
     root, config, test = hospitals
     net, work = namespaces, tmp_path
     env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")]), "OMP_NUM_THREADS": "1"}

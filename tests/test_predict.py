@@ -19,8 +19,7 @@ from fedfactory.predict import predict_to_csv
 from fedfactory.runners.embedded import prepare_data, run
 from fedfactory.runners.files import server_build
 from fedfactory.server import evaluation_split
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
-from test_sites import write_image_folder
+from helpers import toy_overrides, write_image_folder
 
 
 def read_csv(path):
@@ -98,7 +97,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
 # -- slow: one toy run per mode --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(digits_npz, tmp_path_factory):  # noqa: F811
+def runs(digits_npz, tmp_path_factory):
     """A toy run in each mode (local: simulated sites; server: the same modules through server build), and
     the run's own test images as class folders, as a hospital keeps them."""
     root = tmp_path_factory.mktemp("runs")
@@ -115,7 +114,7 @@ def runs(digits_npz, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["server", "local"])
-def test_predict_on_the_test_folder_reproduces_the_runs_accuracy(runs, mode, tmp_path, capsys, digits_npz):  # noqa: F811
+def test_predict_on_the_test_folder_reproduces_the_runs_accuracy(runs, mode, tmp_path, capsys, digits_npz):
     (results, run_dir), folder, test = runs[0][mode], runs[1], runs[2]
     model = run_dir / "model.safetensors"
     assert main(["predict", str(model), "--images", str(folder), "--out", str(tmp_path / "p.csv")]) == 0
@@ -164,7 +163,7 @@ def test_the_onnx_export_gives_torchs_answer_on_every_test_image(runs, mode, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["server", "local"])
-def test_the_report_is_a_model_card(runs, mode, digits_npz):  # noqa: F811
+def test_the_report_is_a_model_card(runs, mode, digits_npz):
     (results, run_dir) = runs[0][mode]
     card = (run_dir / "report.md").read_text()
     for section in ("## Model", "## Intended use", "## Metrics", "## Per class", "## Data by site", "## Privacy",

@@ -15,8 +15,7 @@ from fedfactory.modules import base
 from fedfactory.runners import embedded
 from fedfactory.progress import ClientProgress
 from fedfactory.runners.embedded import prepare_data, train_modules
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
-from test_modules import tiny
+from helpers import TINY_CLASSIFIER, tiny, toy_overrides
 
 
 class Terminal(io.StringIO):
@@ -74,7 +73,7 @@ def toy(npz, tmp_path, *more):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("terminal", [True, False])
-def test_parallel_training_reports_each_client_on_a_terminal_only(digits_npz, tmp_path, monkeypatch, terminal):  # noqa: F811
+def test_parallel_training_reports_each_client_on_a_terminal_only(digits_npz, tmp_path, monkeypatch, terminal):
     err = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     heard, show = [], ClientProgress.show
@@ -93,13 +92,12 @@ def test_parallel_training_reports_each_client_on_a_terminal_only(digits_npz, tm
 def test_the_classifier_and_synthesis_bars_show_on_a_terminal_only(monkeypatch, terminal):
     from fedfactory.classify import train_classifier
     from fedfactory.factory import synthesize
-    from test_classifier import BASE
 
     err = Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), np.array([0, 1] * 20)
-    train_classifier(x, y, 2, BASE, 0, "t", progress=True)
+    train_classifier(x, y, 2, TINY_CLASSIFIER, 0, "t", progress=True)
     synthesize([tiny("diffusion").fit(x, y)], 2, 4, seed=0, progress=True)
     shown = err.getvalue()
     if terminal:
@@ -109,7 +107,7 @@ def test_the_classifier_and_synthesis_bars_show_on_a_terminal_only(monkeypatch, 
 
 
 @pytest.mark.slow
-def test_a_workers_error_still_surfaces_with_the_display(digits_npz, tmp_path, monkeypatch):  # noqa: F811
+def test_a_workers_error_still_surfaces_with_the_display(digits_npz, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", Terminal())
     cfg, ds, part = toy(digits_npz, tmp_path)
     cfg["data"]["name"] = f"npz:{tmp_path / 'gone.npz'}"  # the workers load their data from the config

@@ -1,7 +1,6 @@
 """The ServerApp's identity rules, with a stand-in for Flower's Grid: who may upload as whom."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,15 +11,9 @@ from fedfactory.modules.diffusion import DiffusionModule
 from fedfactory.modules.limits import Limits
 from fedfactory.runners.flower.messages import have_content, module_content
 from fedfactory.runners.flower.server_app import collect_modules, parse_node_map
+from helpers import FakeGrid
 
-
-@pytest.fixture(autouse=True)
-def in_a_run(monkeypatch):
-    """Flower builds a Message only inside a run (the ServerApp's process knows its run id)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for identity in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, identity, 1)
+pytestmark = pytest.mark.usefixtures("in_a_run")  # Flower builds Messages only in a run
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +22,6 @@ def module_bytes():
     m = DiffusionModule({"channels": 8, "channel_mult": [1, 2], "num_blocks": 1}, {"budget_images": 32, "batch_size": 16},
                         client_id="client-0", progress=False).fit(x, np.full(32, 1))
     return m.to_bytes()
-
-
-class FakeGrid:
-    """Replies, by node id, to whatever the server pushes; they arrive in node id order."""
-
-    def __init__(self, replies: dict):
-        self.replies, self.sent = replies, {}
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            ids.append(f"msg-{m.metadata.dst_node_id}")
-            self.sent[m.metadata.dst_node_id] = m
-        return ids
-
-    def pull_messages(self, ids):
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid), has_error=lambda: False,
-                                content=self.replies[int(mid.split("-")[1])])
-                for mid in sorted(ids, key=lambda mid: int(mid.split("-")[1]))]
 
 
 def as_client(blob_manifest, cid):

@@ -24,7 +24,9 @@ from fedfactory.runners.flower.federation import write_node_keys
 from fedfactory.runners.flower.messages import module_content
 from fedfactory.runners.flower.server_app import collect_modules
 from fedfactory.signing import sign_manifest, verify_manifest
-from test_server_app import FakeGrid, in_a_run  # noqa: F401  (fixture: Flower builds Messages only in a run)
+from helpers import FakeGrid, write_image_folder
+
+pytestmark = pytest.mark.usefixtures("in_a_run")  # Flower builds Messages only in a run
 
 SERVER = ["data.classes=['a', 'b']", "data.size=8", "data.channels=1", "privacy.holdout=0", "factory.per_class=20",
           "factory.check_samples=0", "classifier.budget_images=128", "classifier.batch_size=32", "classifier.width=8",
@@ -207,7 +209,6 @@ def test_verify_rechecks_signatures_against_the_runs_roster(keys, module_bytes, 
 def test_a_site_signs_with_sign_key_and_the_server_builds_and_verifies(keys, tmp_path, capsys):
     """The whole files route: site train --sign-key, server build against a roster with the site's key,
     fedfactory verify on the run."""
-    from test_sites import write_image_folder
 
     a, _ = keys[1]["a"]
     x = np.random.default_rng(1).integers(0, 255, (32, 8, 8, 1), dtype=np.uint8)
@@ -238,7 +239,6 @@ def test_the_client_app_signs_with_its_node_config_sign_key(keys, tmp_path):
 
     from fedfactory.runners.flower import client_app
     from fedfactory.runners.flower.messages import config_content, read_module
-    from test_sites import write_image_folder
 
     a, a_pub = keys[1]["a"]
     x = np.random.default_rng(2).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8)

@@ -6,38 +6,15 @@ import re
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
-from fedfactory.classify.model import FederatedClassifier, load_classifier_file
+from fedfactory.classify.model import FederatedClassifier
 from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.errors import FedFactoryError
 from fedfactory.evaluate import check_counts, evaluate, pooled_metrics, site_counts
 from fedfactory.policy import PolicyRefusal, load_policy
-from fedfactory.runners.embedded import prepare_data
-from fedfactory.server import evaluation_split
-from test_sites import write_image_folder
+from helpers import EXACT, STRICT, assert_pooled_equals_union, union_metrics
 
-EXACT = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "per_class_accuracy", "confusion_matrix")
-NAMES = ["zero", "one", "two", "three"]
-
-TOY = """seed = 0
-data = {{name = "npz:{npz}", classes = ["zero", "one", "two", "three"], size = 8, channels = 1}}
-partition = {{scheme = "silos", clients = 2}}
-module = {{channels = 8, channel_mult = [1, 2], num_blocks = 1, budget_images = 1024, batch_size = 32, sample_steps = 3}}
-factory = {{per_class = 30}}
-classifier = {{budget_images = 1024, batch_size = 64, width = 8}}
-quality = {{reference_budget = 0}}
-runtime = {{threads = 1, parallel_clients = 1, progress = false}}
-"""
-
-# A hospital's policy: no expert leaves it, at most 10 passes over its images, its audit always on.
-STRICT = """may_set = ["*"]
-max_passes = 10
-require_audit = true
-allow_expert = false
-keep_dir = "{keep}"
-"""
 # The three requests a coordinator may try, and what the refusal must name.
 REQUESTS = {"classifier.mode=local": "classifier.mode", "module.budget_images=100000": "max_passes",
             "privacy.enforce=false": "privacy.enforce"}
@@ -127,43 +104,6 @@ def test_a_classifier_file_describes_itself_and_refuses_a_hostile_description():
 
 
 # -- end to end: two hospitals as folders, by files and over Flower -------------------------------------
-
-@pytest.fixture(scope="module")
-def hospitals(tmp_path_factory):
-    """Two hospitals' training and test folders (digits, two classes each), and a consortium config whose
-    data set does not exist: a coordinator that read any image would fail."""
-    root = tmp_path_factory.mktemp("hospitals")
-    d = load_digits()
-    x, y = (d.images * 255 / 16).astype(np.uint8), d.target
-    keep = y < 4
-    np.savez(root / "public.npz", x_train=x[keep][::2], y_train=y[keep][::2], x_test=x[keep][1::2], y_test=y[keep][1::2])
-    cfg = load_config(None, [f"data.name='npz:{root / 'public.npz'}'", "partition.clients=2"])
-    ds, part = prepare_data(cfg)
-    test = evaluation_split(cfg, ds)
-    for i, (cid, idx) in enumerate(sorted(part.indices.items())):
-        write_image_folder(root / "sites" / cid, ds.x_train[idx], ds.y_train[idx], NAMES)
-        own = np.isin(test.labels, np.unique(ds.y_train[idx]))  # each hospital tests on its own classes
-        write_image_folder(root / "tests" / cid, test.images[own], test.labels[own], NAMES)
-    config = root / "consortium.toml"
-    config.write_text(TOY.format(npz=root / "nowhere.npz"))
-    return root, config, test
-
-
-def union_metrics(model_file, test) -> dict:
-    model = load_classifier_file(model_file)
-    from fedfactory.modules.base import resolve_device, use_bf16
-
-    device = resolve_device("auto")
-    return evaluate(test.labels, model.predict_log_proba(test.images, device, use_bf16(device, "auto")), 4)
-
-
-def assert_pooled_equals_union(results: dict, union: dict) -> None:
-    assert results["evaluation"]["by"] == "sites"
-    assert {k: results["metrics"][k] for k in EXACT} == {k: union[k] for k in EXACT}
-    assert abs(results["metrics"]["auroc"] - union["auroc"]) < 0.002
-    assert sorted(results["evaluation"]["sites"]) == ["client-0", "client-1"]
-    assert sum(s["images"] for s in results["evaluation"]["sites"].values()) == results["test"]["images"]
-
 
 @pytest.mark.slow
 def test_files_route_refuses_by_policy_and_evaluates_at_the_sites(hospitals, tmp_path, capsys):

@@ -4,22 +4,7 @@ from PIL import Image
 
 from fedfactory.data.folder import load_labelled
 from fedfactory.errors import FedFactoryError
-
-CLASSES = ["cat", "dog", "fox"]
-
-
-def grey(seed, h=8, w=8):
-    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
-
-
-def colour(seed, h=8, w=8):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def save(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path
+from helpers import CLASSES, colour, grey, save
 
 
 def test_folder_grey_round_trip_is_exact_and_ordered(tmp_path):

@@ -15,48 +15,9 @@ from fedfactory.registry import read_registry
 from fedfactory.runners import embedded
 from fedfactory.runners.embedded import prepare_data, run
 from fedfactory.server import evaluation_split
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import BR35H, toy_overrides, write_image_folder
 
 pytestmark = pytest.mark.slow
-
-BR35H = """seed = 0
-[data]
-name = "br35h"
-size = 16
-train_per_class = 48
-test_per_class = 40
-classes = ["no tumour", "tumour"]
-[partition]
-scheme = "silos"
-clients = 2
-[module]
-channels = 8
-channel_mult = [1, 2]
-num_blocks = 1
-budget_images = 512
-batch_size = 32
-sample_steps = 3
-[factory]
-per_class = 40
-[classifier]
-budget_images = 1024
-batch_size = 64
-width = 8
-[quality]
-reference_budget = 512
-[runtime]
-threads = 1
-parallel_clients = 1
-progress = false
-"""
-
-
-def write_image_folder(folder, images, labels, class_names):
-    """The ImageFolder layout a hospital would have: one folder per class, PNG files named in order."""
-    for i, (img, y) in enumerate(zip(images, labels)):
-        d = folder / class_names[y]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(d / f"{i:05d}.png")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +98,7 @@ def _fail_site(victim):
 
 
 def test_local_mode_without_an_expert_drops_it_or_fails_and_never_trains_at_the_server(
-        digits_npz, tmp_path, monkeypatch):  # noqa: F811
+        digits_npz, tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "train_expert", _fail_site("client-1"))
     monkeypatch.setattr(server, "train_classifier", lambda *a, **k: pytest.fail("the server trained a classifier"))
     base = toy_overrides(digits_npz, mode="local")

@@ -1,30 +1,20 @@
 """benchmarks/synthesis_levers.py and classifier_levers.py on one toy run (their measurements: the
 commands in benchmarks/README.md)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from fedfactory.config import load_config
 from fedfactory.modules import load_module
 from fedfactory.runners.embedded import run
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import benchmark_script, toy_overrides
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-levers, classifier_levers = _script("synthesis_levers"), _script("classifier_levers")
+levers, classifier_levers = benchmark_script("synthesis_levers"), benchmark_script("classifier_levers")
 
 
 @pytest.fixture(scope="module")
-def toy_run(digits_npz, tmp_path_factory):  # noqa: F811
+def toy_run(digits_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("levers") / "run"
     return out, run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), out)
 

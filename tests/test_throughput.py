@@ -1,14 +1,10 @@
 """benchmarks/throughput.py at a tiny size (its measurement: `python benchmarks/throughput.py`)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-from conftest import needs_fashion
+from helpers import benchmark_script, needs_fashion
 
-_spec = importlib.util.spec_from_file_location("throughput", Path(__file__).parents[1] / "benchmarks" / "throughput.py")
-throughput = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(throughput)
+throughput = benchmark_script("throughput")
 
 
 @needs_fashion

@@ -10,12 +10,12 @@ from fedfactory.config import load_config
 from fedfactory.errors import FedFactoryError
 from fedfactory.runners.embedded import run
 from fedfactory.runners.unlearn import unlearn
-from test_end_to_end import digits_npz, toy_overrides  # noqa: F401  (fixture)
+from helpers import toy_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def test_unlearning_equals_a_federation_without_the_client(digits_npz, tmp_path):  # noqa: F811
+def test_unlearning_equals_a_federation_without_the_client(digits_npz, tmp_path):
     # pathological:2 over 4 clients: client i holds classes i and i+1 (mod 4), so every class stays covered
     overrides = toy_overrides(digits_npz, scheme="pathological:2")
     full = run(load_config("configs/fashion-silos.toml", overrides), tmp_path / "abcd")
@@ -60,7 +60,7 @@ def test_unlearning_equals_a_federation_without_the_client(digits_npz, tmp_path)
     assert resumed["synthetic"]["sha256"] == full["synthetic"]["sha256"] and resumed["metrics"] == full["metrics"]
 
 
-def test_unlearning_a_sole_holder_drops_its_class(digits_npz, tmp_path):  # noqa: F811
+def test_unlearning_a_sole_holder_drops_its_class(digits_npz, tmp_path):
     run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), tmp_path / "silos")
     with pytest.raises(FedFactoryError, match="only holder of class"):
         unlearn(tmp_path / "silos", "client-1", orphaned="error")
@@ -73,7 +73,7 @@ def test_unlearning_a_sole_holder_drops_its_class(digits_npz, tmp_path):  # noqa
     assert "never predicted" in (tmp_path / "silos-without-client-1/report.md").read_text()
 
 
-def test_verify_finds_tampering(digits_npz, tmp_path, capsys):  # noqa: F811
+def test_verify_finds_tampering(digits_npz, tmp_path, capsys):
     run(load_config("configs/fashion-silos.toml", toy_overrides(digits_npz)), tmp_path / "r")
     assert main(["verify", str(tmp_path / "r")]) == 0
     w = tmp_path / "r/modules/client-3/module.safetensors"
