@@ -4,7 +4,8 @@ a training image.
     check_new_run_dir(run_dir)
     test = test_set_for(cfg, "/data/test")                      # or "none": the sites evaluate
     modules = [receive_module(run_dir, d) for d in module_dirs]   # verified, registered
-    results = build(cfg, modules, test, run_dir, timings)        # synthesis, classifier, evaluation, report
+    built = build(cfg, modules, test, run_dir)                    # synthesis, classifier, evaluation: computed
+    results = write_build(run_dir, built, built.results(source, timings))  # results.json, model, report, pictures
     results = pool_site_evaluations(run_dir, answers)             # the sites' counts on their own test images
 
 In local mode the sites send their expert classifiers; a site with no expert is left out of the
@@ -19,13 +20,14 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .classify import classifier_to_bytes, train_classifier
-from .classify.model import FederatedClassifier
+from .classify.model import FederatedClassifier, select_experts
 from .config import dumps
 from .data import Dataset, LabelledImages, cap_per_class, load_dataset
 from .data.folder import load_labelled
@@ -179,16 +181,6 @@ def privacy_numbers(block: dict) -> dict:
     return {**({"audit": audit} if audit else {}), **({"dp": block["dp"]} if "dp" in block else {})}
 
 
-def _local_experts(cfg: dict, modules: list[GenerativeModule], experts: dict) -> dict:
-    missing = [m.client_id for m in modules if m.client_id not in experts]
-    if missing and cfg["classifier"]["missing_experts"] == "error":
-        raise FedFactoryError(f"local mode: no expert from {', '.join(missing)}; set classifier.missing_experts="
-                              '"drop" to combine the others')
-    if not set(experts) - set(missing):
-        raise FedFactoryError("local mode: no site sent an expert classifier")
-    return {cid: experts[cid] for cid in sorted(experts)}
-
-
 def shard_store(cfg: dict, run_dir: Path | None) -> ShardStore | None:
     """The run's kept synthetic draws (RUN_DIR/synthetic/), unless factory.keep_shards is off."""
     return ShardStore(Path(run_dir) / "synthetic") if run_dir is not None and cfg["factory"]["keep_shards"] else None
@@ -209,99 +201,149 @@ def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int,
     return synth
 
 
-def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, timings: dict,
-          experts: dict | None = None, test_source: str = "", synth: SyntheticSet | None = None,
-          reference=None) -> dict:
-    """From the uploaded modules onwards: synthesis, classifier, evaluation, report, results.json.
+@dataclass
+class Build:
+    """What the server computes from the modules (see build); nothing of it is in a run folder until
+    write_build puts it there."""
+    cfg: dict
+    test: LabelledImages
+    modules: list[GenerativeModule]  # by client id
+    module_bytes: dict[str, int]     # client id -> size of the weights file it uploaded
+    synth: SyntheticSet
+    classifier: FederatedClassifier
+    model_bytes: bytes               # the classifier file, as every site receives it
+    train_stats: dict                # network name -> how it was trained
+    metrics: dict | None             # on the coordinator's test set; None without one (the sites evaluate)
+    quality: dict
+    reference: object = None         # the quality report's feature network (a simulated federation's)
+    timings: dict = field(default_factory=dict)  # seconds: synthesis (when made here), classifier, quality
 
-    experts (local mode): client id -> (network, stats) as the sites trained them. synth: the
-    factory's set when the caller already made it from these modules. reference: a classifier
-    trained on real training data (a simulated federation's), whose features measure each module.
+    def results(self, test_source: str = "", timings: dict | None = None) -> dict:
+        """results.json: `test_source` as the caller named the test set ("" for the config's data set),
+        `timings` the caller's own steps (data, modules, ...), before the build's."""
+        cfg, test, synth, num_classes = self.cfg, self.test, self.synth, self.test.num_classes
+        mods = [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
+                 "sha256": m.saved_manifest["weights_sha256"], "bytes": self.module_bytes[m.client_id],
+                 "train_stats": m.stats, "privacy": privacy_numbers(m.privacy)}
+                for m in self.modules]
+        clients = {m.client_id: [m.counts[m.classes.index(c)] if c in m.classes else 0 for c in range(num_classes)]
+                   for m in self.modules}
+        return {
+            "library_version": __version__, "config": cfg,
+            "dataset": {"name": (test.name if test_source != NO_TEST_SET else "sites' own data") if test_source
+                        else cfg["data"]["name"],
+                        # a simulated federation partitions a public data set; otherwise each site had its own
+                        "partition": "sites' own data" if test_source else cfg["partition"]["scheme"],
+                        "image_shape": list(test.image_shape), "class_names": test.class_names,
+                        "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
+            "test": {"source": test_source, "name": test.name, "images": len(test.labels),
+                     "sha256": images_digest(test)},
+            "metrics": self.metrics,
+            "evaluation": {"by": "coordinator" if self.metrics else "sites", "sites": {}},
+            "model": {"file": MODEL, "sha256": hashlib.sha256(self.model_bytes).hexdigest()},
+            "timings": {k: round(v, 2) for k, v in {**(timings or {}), **self.timings}.items()},
+            "clients": clients, "modules": mods,
+            "missing_classes": synth.missing_classes,
+            "synthetic": {"images": len(synth.labels), "sha256": synth.digest(),
+                          "per_class": np.bincount(synth.labels, minlength=num_classes).tolist(),
+                          "sources": synth.sources},
+            "classifier": self.train_stats,
+            "quality": self.quality,
+            "crosscheck": synth.crosscheck,
+            "agreement": cfg["federation"]["roster"] or None,
+            "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
+                              # local mode: every site downloads the other sites' modules
+                              "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)
+                              if cfg["classifier"]["mode"] == "local" else 0},
+        }
+
+
+def train_networks(cfg: dict, modules: list[GenerativeModule], synth: SyntheticSet, test: LabelledImages,
+                   experts: dict | None) -> tuple[dict, dict]:
+    """The classifier's networks and their training stats, by name: the server's own, trained on the
+    synthetic set (server mode), or the sites' experts (local mode; see select_experts)."""
+    if cfg["classifier"]["mode"] == "server":
+        net, stats = train_classifier(synth.images, synth.labels, test.num_classes, cfg["classifier"], cfg["seed"],
+                                      "server", **classifier_kw(cfg, test.augment))
+        return {"server": net}, {"server": stats}
+    chosen = select_experts(experts or {}, [m.client_id for m in modules], cfg["classifier"]["missing_experts"])
+    return {cid: net for cid, (net, _) in chosen.items()}, {cid: s for cid, (_, s) in chosen.items()}
+
+
+def measure_quality(cfg: dict, reference, synth: SyntheticSet, test: LabelledImages) -> dict:
+    """results.json's quality block: every module's images against the real ones, in the features of
+    `reference` (a classifier trained on real training data); a note when there is none or it fails."""
+    if reference is None:
+        return {"note": "not measured: it needs a classifier trained on real training data, which only a "
+                        "simulated federation has (quality.reference_budget > 0)"}
+    try:
+        return quality_report(cfg, reference, synth, test, classifier_kw(cfg, test.augment))
+    except Exception as e:  # the report describes the run; a failure in it must not lose the trained classifier
+        note = f"not measured: the quality report failed ({type(e).__name__}: {str(e)[:300]})"
+        print(f"fedfactory: warning: {note}; the run's results are kept", file=sys.stderr)
+        return {"note": note}
+
+
+def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, *,
+          experts: dict | None = None, synth: SyntheticSet | None = None, reference=None) -> Build:
+    """From the uploaded modules onwards: synthesis, classifier, evaluation and quality, computed and
+    returned; write_build puts them into the run folder.
+
+    run_dir: where the modules were received (and the kept synthetic draws are). experts (local mode):
+    client id -> (network, stats) as the sites trained them. synth: the factory's set when the caller
+    already made it from these modules. reference: a classifier trained on real training data (a
+    simulated federation's), whose features measure each module.
     """
     modules = sorted(modules, key=lambda m: m.client_id)
     check_modules(cfg, modules, test)
-    num_classes = test.num_classes
+    timings = {}
     if synth is None:
         t = time.perf_counter()
-        synth = synthesize_all(cfg, modules, num_classes, test.class_names, run_dir)
+        synth = synthesize_all(cfg, modules, test.num_classes, test.class_names, run_dir)
         timings["synthesis"] = time.perf_counter() - t
     t = time.perf_counter()
-    kw = classifier_kw(cfg, test.augment)
-    if cfg["classifier"]["mode"] == "server":
-        net, stats = train_classifier(synth.images, synth.labels, num_classes, cfg["classifier"], cfg["seed"],
-                                      "server", **kw)
-        nets, clf_stats = {"server": net}, {"server": stats}
-    else:  # local mode: the sites' experts, combined as a Product of Experts
-        chosen = _local_experts(cfg, modules, experts or {})
-        nets = {cid: net for cid, (net, _) in chosen.items()}
-        clf_stats = {cid: s for cid, (_, s) in chosen.items()}
-    for name, net in nets.items():  # the classifiers are the product: keep their weights (safetensors)
-        atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", classifier_to_bytes(net, name))
-    model = FederatedClassifier(nets, test.class_names, test.image_shape, cfg["classifier"]["mode"],
-                                synth.missing_classes, cfg["classifier"]["preset"], cfg["classifier"]["width"])
-    blob = model.to_bytes()
-    atomic_write_bytes(run_dir / MODEL, blob)  # what goes back to every site
+    nets, train_stats = train_networks(cfg, modules, synth, test, experts)
+    c = cfg["classifier"]
+    model = FederatedClassifier(nets, test.class_names, test.image_shape, c["mode"], synth.missing_classes,
+                                c["preset"], c["width"])
     metrics = None
     if len(test.labels):
-        metrics = evaluate(test.labels, model.predict_log_proba(test.images, kw["device"], kw["bf16"]), num_classes)
+        kw = classifier_kw(cfg, test.augment)
+        metrics = evaluate(test.labels, model.predict_log_proba(test.images, kw["device"], kw["bf16"]),
+                           test.num_classes)
     timings["classifier"] = time.perf_counter() - t
-    quality = {"note": "not measured: it needs a classifier trained on real training data, which only a "
-                       "simulated federation has (quality.reference_budget > 0)"}
+    t = time.perf_counter()
+    quality = measure_quality(cfg, reference, synth, test)
     if reference is not None:
-        t = time.perf_counter()
-        atomic_write_bytes(run_dir / "classifiers" / "reference.safetensors", classifier_to_bytes(reference, "reference"))
-        try:
-            quality = quality_report(cfg, reference, synth, test, kw)
-        except Exception as e:  # the report describes the run; a failure in it must not lose the trained classifier
-            quality = {"note": f"not measured: the quality report failed ({type(e).__name__}: {str(e)[:300]})"}
-            print(f"fedfactory: warning: {quality['note']}; the run's results are kept", file=sys.stderr)
         timings["quality"] = time.perf_counter() - t
-    mods = [{"client": m.client_id, "classes": m.classes, "counts": m.counts,
-             "sha256": m.saved_manifest["weights_sha256"],
-             "bytes": (run_dir / "modules" / m.client_id / WEIGHTS).stat().st_size, "train_stats": m.stats,
-             "privacy": privacy_numbers(m.privacy)}
-            for m in modules]
-    clients = {m.client_id: [m.counts[m.classes.index(c)] if c in m.classes else 0 for c in range(num_classes)]
-               for m in modules}
-    results = {
-        "library_version": __version__, "config": cfg,
-        "dataset": {"name": (test.name if test_source != NO_TEST_SET else "sites' own data") if test_source
-                    else cfg["data"]["name"],
-                    # a simulated federation partitions a public data set; otherwise each site had its own
-                    "partition": "sites' own data" if test_source else cfg["partition"]["scheme"],
-                    "image_shape": list(test.image_shape), "class_names": test.class_names,
-                    "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
-        "test": {"source": test_source, "name": test.name, "images": len(test.labels), "sha256": images_digest(test)},
-        "metrics": metrics,
-        "evaluation": {"by": "coordinator" if metrics else "sites", "sites": {}},
-        "model": {"file": MODEL, "sha256": hashlib.sha256(blob).hexdigest()},
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "clients": clients, "modules": mods,
-        "missing_classes": synth.missing_classes,
-        "synthetic": {"images": len(synth.labels), "sha256": synth.digest(),
-                      "per_class": np.bincount(synth.labels, minlength=num_classes).tolist(), "sources": synth.sources},
-        "classifier": clf_stats,
-        "quality": quality,
-        "crosscheck": synth.crosscheck,
-        "agreement": cfg["federation"]["roster"] or None,
-        "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
-                          # local mode: every site downloads the other sites' modules
-                          "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)
-                          if cfg["classifier"]["mode"] == "local" else 0},
-    }
-    synthetic_vs_real(run_dir / "samples.png", synth.images, synth.labels, test.images, test.labels, num_classes)
-    return write_results(run_dir, results)
+    sizes = {m.client_id: (Path(run_dir) / "modules" / m.client_id / WEIGHTS).stat().st_size for m in modules}
+    return Build(cfg, test, modules, sizes, synth, model, model.to_bytes(), train_stats, metrics, quality, reference,
+                 timings)
 
 
-def write_results(run_dir: Path, results: dict) -> dict:
-    """results.json, report.md and, once there are metrics, the confusion matrix picture."""
+def write_build(run_dir: Path, built: Build, results: dict, extra: str = "") -> dict:
+    """A build into its run folder: every network's weights (classifiers/), the classifier file that goes
+    back to the sites (model.safetensors), the pictures, results.json and report.md (`extra`: more of it)."""
+    for name, net in built.classifier.nets.items():  # the classifiers are the product: keep their weights
+        atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", classifier_to_bytes(net, name))
+    atomic_write_bytes(run_dir / MODEL, built.model_bytes)
+    if built.reference is not None:
+        atomic_write_bytes(run_dir / "classifiers" / "reference.safetensors",
+                           classifier_to_bytes(built.reference, "reference"))
+    synth, test = built.synth, built.test
+    synthetic_vs_real(run_dir / "samples.png", synth.images, synth.labels, test.images, test.labels, test.num_classes)
+    return write_results(run_dir, results, extra)
+
+
+def write_results(run_dir: Path, results: dict, extra: str = "") -> dict:
+    """results.json, report.md (`extra`: more of it) and, once there are metrics, the confusion matrix picture."""
     m, names = results["metrics"], results["dataset"]["class_names"]
     if m:
         confusion_png(run_dir / "confusion.png", m["confusion_matrix"], names,
                       f"{results['dataset']['name']} {results['config']['classifier']['mode']} mode: "
                       f"accuracy {m['accuracy']:.3f}")
     atomic_write_json(run_dir / "results.json", results)
-    write_report(run_dir, results, names)
+    write_report(run_dir, results, names, extra=extra)
     return results
 
 

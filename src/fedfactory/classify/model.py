@@ -128,6 +128,19 @@ class FederatedClassifier:
                    d["width"], hashlib.sha256(blob).hexdigest())
 
 
+def select_experts(experts: dict, client_ids: list[str], missing_experts: str = "error") -> dict:
+    """Local mode: the experts (client id -> (network, stats)) that the Product of Experts combines, by
+    client id. A site in `client_ids` that sent none fails the run, or, with missing_experts "drop", is
+    left out; with no expert at all there is no classifier."""
+    missing = [cid for cid in client_ids if cid not in experts]
+    if missing and missing_experts == "error":
+        raise FedFactoryError(f"local mode: no expert from {', '.join(missing)}; set classifier.missing_experts="
+                              '"drop" to combine the others')
+    if not set(experts) - set(missing):
+        raise FedFactoryError("local mode: no site sent an expert classifier")
+    return {cid: experts[cid] for cid in sorted(experts)}
+
+
 def _description(blob: bytes, where: str) -> dict:
     """The metadata of a classifier file, every field checked against its bounds."""
     try:

@@ -20,7 +20,8 @@ from ..evaluate import evaluate
 from ..report import METRICS, pyplot, save_figure
 from ..utils import atomic_write_json, atomic_write_text
 from ..runtime import setup_runtime
-from .embedded import prepare_data, run
+from .common import prepare_data
+from .embedded import run
 
 ALL_METHODS = ("factory", *METHODS)
 TABLE = ("accuracy", "balanced_accuracy", "auroc", "f1")

@@ -18,48 +18,17 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data import Dataset, Partition, cap_per_class, load_dataset, make_partition
+from ..data import Dataset, Partition
 from ..errors import FedFactoryError
 from ..modules import GenerativeModule, ModuleFileError, load_module
 from ..registry import register
-from ..runtime import classifier_kw, setup_runtime, site_split
+from ..runtime import setup_runtime, site_split
 from ..factory import SyntheticSet
-from ..server import build, evaluation_split, start_run, synthesize_all
+from ..server import build, evaluation_split, start_run, synthesize_all, write_build
 from ..privacy.audit import holdout_split
 from ..progress import ClientProgress
-from ..quality import train_reference
 from ..site import POLICY, check_upload, new_module, save_audit_report, train_expert, train_module
-from ..utils import derive_seed
-
-
-def prepare_data(cfg: dict) -> tuple[Dataset, Partition]:
-    """Load the public data set (capped per class for toy runs) and partition it over simulated sites."""
-    d = cfg["data"]
-    ds = load_dataset(d["name"], root=d["root"], size=d["size"], download=d["download"])
-    if d["classes"] and d["classes"] != ds.class_names:
-        raise FedFactoryError(f"data.classes {d['classes']} differs from {ds.name}'s classes {ds.class_names}")
-    if d["train_per_class"] > 0:
-        keep = cap_per_class(ds.y_train, d["train_per_class"], derive_seed(cfg["seed"], "subsample", "train"))
-        ds.x_train, ds.y_train = ds.x_train[keep], ds.y_train[keep]
-        if ds.groups_train is not None:
-            ds.groups_train = ds.groups_train[keep]
-    p = cfg["partition"]
-    part = make_partition(ds.y_train, p["scheme"], p["clients"], seed=cfg["seed"], num_classes=ds.num_classes,
-                          groups=ds.groups_train, min_size=p["min_size"])
-    unknown = sorted(set(p["exclude"]) - set(part.clients))
-    if unknown:
-        raise FedFactoryError(f"partition.exclude names unknown clients {unknown}; clients are {part.clients}")
-    for cid in p["exclude"]:
-        del part.indices[cid], part.counts[cid]
-    if not part.indices:
-        raise FedFactoryError("partition.exclude leaves no client in the federation")
-    return ds, part
-
-
-def site_data(ds: Dataset, part: Partition, cid: str):
-    """What a simulated site holds: its share of the training set, nothing else."""
-    idx = part.indices[cid]
-    return ds.x_train[idx], ds.y_train[idx]
+from .common import prepare_data, site_data, sites_reference
 
 
 def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | None:
@@ -199,16 +168,6 @@ def train_experts(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) 
     return experts
 
 
-def sites_reference(cfg: dict, ds: Dataset, part: Partition):
-    """The feature network of the modules' quality report, trained on the participating sites' real
-    images (so a federation without a site, e.g. after unlearning, has one that never saw it); None
-    when quality.reference_budget is 0."""
-    if cfg["quality"]["reference_budget"] <= 0:
-        return None
-    idx = np.concatenate([part.indices[cid] for cid in part.clients])
-    return train_reference(cfg, ds.x_train[idx], ds.y_train[idx], ds.num_classes, classifier_kw(cfg, ds.augment))[0]
-
-
 def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     """The whole federation, simulated, writing into run_dir; `resume` reuses verified modules already there."""
     run_dir = Path(run_dir)
@@ -232,5 +191,5 @@ def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
         t = time.perf_counter()
         experts = train_experts(cfg, ds, part, synth)
         timings["experts"] = time.perf_counter() - t
-    return build(cfg, modules, evaluation_split(cfg, ds), run_dir, timings, experts=experts, synth=synth,
-                 reference=reference)
+    built = build(cfg, modules, evaluation_split(cfg, ds), run_dir, experts=experts, synth=synth, reference=reference)
+    return write_build(run_dir, built, built.results(timings=timings))

@@ -31,7 +31,7 @@ from ..modules.limits import Limits
 from ..runtime import setup_runtime
 from ..policy import SitePolicy, accept, record_terms
 from ..server import (NO_TEST_SET, build, check_modules, check_new_run_dir, module_limits, pool_site_evaluations,
-                      receive_module, start_run, test_set_for)
+                      receive_module, start_run, test_set_for, write_build)
 from ..privacy.audit import holdout_split
 from ..signing import load_private_key, signed_bytes
 from ..site import (audit_module, check_upload, evaluate_at_site, federation_classes, load_site_data, load_site_test,
@@ -171,4 +171,5 @@ def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, 
         experts[name] = (net, {"trained_at": "site", "file": str(f)})
     start_run(cfg, out)
     modules = [receive_module(out, Path(d), limits, cfg["runtime"]["device"]) for d in module_dirs]
-    return build(cfg, modules, test_set, out, timings, experts=experts, test_source=test)
+    built = build(cfg, modules, test_set, out, experts=experts)
+    return write_build(out, built, built.results(test, timings))

@@ -41,7 +41,7 @@ from ...signing import load_private_key, signed_bytes
 from ...site import (check_upload, evaluate_at_site, federation_classes, load_site_data, load_site_test,
                      save_audit_report, synthesize_for_site, train_expert, train_module)
 from ...utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..embedded import prepare_data, site_data
+from ..common import prepare_data, site_data
 from .messages import (answer_content, have_content, module_content, read_config, read_have, read_model_blob,
                        read_modules, read_result, weights_content)
 

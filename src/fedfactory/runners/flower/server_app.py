@@ -30,7 +30,7 @@ from ...registry import read_registry, register
 from ...runtime import setup_runtime
 from ...roster import check_agreement
 from ...server import (MODEL, build, check_audit, federation_roster, module_limits, pool_site_evaluations, start_run,
-                       test_set_for)
+                       test_set_for, write_build)
 from .messages import (config_content, evaluate_content, read_answer, read_have_reply, read_module, read_weights_blob,
                        result_content)
 
@@ -48,6 +48,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+# many parameters because the round's checks are separate inputs: who a node may be (assigned), what the run
+# already holds (kept), what is accepted (limits, agreement); the tests drive each alone
 def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float, limits: Limits,
                     assigned: dict[int, str] | None = None, kept: dict | None = None, agreement=None):
     """One round: a train message to every node; verified modules in, failures by node id.
@@ -283,7 +285,8 @@ def serve(grid: Grid, rc: dict) -> None:
                                             float(rc["train-timeout"]))
         timings["experts"] = time.perf_counter() - t
         _report(failures)  # a missing expert: build() leaves it out or fails, by classifier.missing_experts
-    results = build(cfg, modules, test, out, timings, experts=experts, test_source=test_source)
+    built = build(cfg, modules, test, out, experts=experts)
+    results = write_build(out, built, built.results(test_source, timings))
     answers, failures = collect_evaluations(grid, owners, cfg, out, float(rc["train-timeout"]))
     _report(failures)  # a site that did not evaluate is named; the metrics say which sites they cover
     if answers or not results["metrics"]:
