@@ -174,6 +174,8 @@ class ShardStore:
         return copied
 
 
+# many parameters because the factory's settings are keywords with defaults: callers (the server, a site
+# in local mode, tests, benchmarks) name only those they change
 def synthesize(modules: list[GenerativeModule], num_classes: int, per_class: int, seed: int,
                aggregation: str = "weighted", missing_classes: str = "error", class_names=None,
                progress: bool = True, store: ShardStore | None = None, max_share: float = 1.0,

@@ -28,7 +28,7 @@ import scipy.linalg
 import torch
 
 from .classify import predict_log_proba, train_classifier
-from .modules.base import to_float
+from .tensors import to_float
 from .utils import derive_seed
 
 METRICS = ("fid", "precision", "recall", "density", "coverage")
@@ -98,6 +98,8 @@ def compare(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
     return {**{m: float(f"{vals[m]:.4g}") for m in METRICS}, **out}  # significant digits: a FD may be small
 
 
+# many parameters because it takes the synthetic and the real images as plain arrays (a SyntheticSet's
+# fields, a test set's), and the measure's settings (k, max_images, seed) as keywords with defaults
 def module_quality(net: torch.nn.Module, synth_images: np.ndarray, synth_labels: np.ndarray, sources: list[dict],
                    test_images: np.ndarray, test_labels: np.ndarray, device="cpu", bf16: bool = False, k: int = 5,
                    max_images: int = 1000, seed: int = 0) -> dict:

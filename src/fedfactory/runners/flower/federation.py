@@ -203,7 +203,7 @@ class LocalFederation:
             run_id = int(json.loads(r.stdout)["run-id"])
         except (ValueError, KeyError, TypeError):
             raise FedFactoryError(f"flwr run failed: {(r.stdout + r.stderr).strip()[-2000:]}") from None
-        # `flwr list` is a new Python process (about 1.5 s of CPU), so the run's status is asked every
+        # `flwr list` is a new Python process, costly in CPU, so the run's status is asked every
         # STATUS_EVERY s, and at once when the ServerApp's results.json appears: the nodes keep the cores.
         results, begun = Path(run_config["out"]) / "results.json", time.time()
         deadline, link = time.monotonic() + timeout, self.procs["superlink"]
@@ -237,6 +237,7 @@ def client_id_of(node_config: dict) -> str:
     return client_id(int(node_config["partition-id"]))
 
 
+# many parameters because each is one key of the ServerApp's run config (server_app.py)
 def run_config(config: str | Path, out: str | Path, overrides: list[str] = (), test: str = "", resume: bool = False,
                num_nodes: int = 1, timeout: float = 3600, wait_timeout: float = 120) -> dict:
     """The ServerApp's run config (see server_app.py): paths made absolute, since the ServerApp runs elsewhere."""
@@ -249,6 +250,7 @@ def run_config(config: str | Path, out: str | Path, overrides: list[str] = (), t
             "train-timeout": float(timeout)}
 
 
+# many parameters because it takes the options of `fedfactory federate`, most of them keywords with defaults
 def federate(config: str | Path, num_nodes: int, out: str | Path, overrides: list[str] = (),
              node_configs: list[dict] | None = None, timeout: float = 3600, wait_timeout: float = 120,
              test: str = "", tls: bool = False, resume: bool = False, node_envs: list[dict] | None = None) -> dict:
