@@ -126,6 +126,16 @@ def test_a_registered_kind_is_checked_like_the_built_in_ones(gaussian_kind):
         register_kind(type("Other", (GaussianModule,), {}))
 
 
+def test_an_unregistered_kinds_keys_leave_the_config():
+    register_kind(GaussianModule)
+    assert load_config(None, ["module.kind='toy-gaussian'", "module.shrink=0.5"])["module"]["shrink"] == 0.5
+    unregister_kind(GaussianModule.kind)
+    with pytest.raises(FedFactoryError, match="unknown config key 'module.shrink'"):
+        load_config(None, ["module.shrink=0.5"])
+    with pytest.raises(FedFactoryError, match="'module.kind' must be one of diffusion, cvae"):
+        load_config(None, ["module.kind='toy-gaussian'"])
+
+
 def test_a_kind_that_is_not_one_is_refused():
     with pytest.raises(FedFactoryError, match="GenerativeModule subclass"):
         register_kind(dict)

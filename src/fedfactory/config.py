@@ -136,9 +136,13 @@ DEFAULTS: dict = {
 
 def _module_keys() -> dict:
     """DEFAULTS, its module section completed with every key a registered kind reads (a kind may
-    register after this file is imported: a plugin), each defaulting to the preset's value."""
-    for key, example in config_keys().items():
-        DEFAULTS["module"].setdefault(key, FromPreset(example))
+    register after this file is imported: a plugin), each defaulting to the preset's value; the keys
+    of a kind since unregistered leave it."""
+    keys, module = config_keys(), DEFAULTS["module"]
+    for key in [k for k, v in module.items() if isinstance(v, FromPreset) and k not in keys]:
+        del module[key]
+    for key, example in keys.items():
+        module.setdefault(key, FromPreset(example))
     return DEFAULTS
 
 
