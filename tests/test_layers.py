@@ -65,14 +65,18 @@ def imports_of(source: str, module: str, is_package: bool) -> list[tuple[int, st
     return [(line, t.removeprefix("fedfactory").lstrip(".")) for line, t in out]
 
 
+def is_module(name: str) -> bool:
+    path = SRC.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
 def violations(source: str, module: str, is_package: bool, table) -> list[str]:
     own = rank_of(module, table)
     bad = []
     for line, target in imports_of(source, module, is_package):
-        target_rank = rank_of(target, table)
-        while target_rank is None and "." in target:  # `from .x import name`: name is not a module
+        while "." in target and not is_module(target):  # `from .x import name`: name is not a module
             target = target.rsplit(".", 1)[0]
-            target_rank = rank_of(target, table)
+        target_rank = rank_of(target, table)
         if target_rank is not None and own is not None and target_rank > own:
             bad.append(f"{module or 'fedfactory'} (layer {table[own][0]}) line {line} imports {target} "
                        f"(layer {table[target_rank][0]})")
