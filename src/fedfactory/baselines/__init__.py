@@ -16,7 +16,7 @@ from ..classify.augment import augment
 from ..classify.train import cross_entropy
 from ..data import Dataset, Partition
 from ..errors import FedFactoryError
-from ..modules.base import resolve_device, to_float, use_bf16
+from ..tensors import resolve_device, to_float, use_bf16
 from ..utils import derive_seed
 from .averaging import ALGORITHMS, FLClient, make_strategy, state_bytes
 
