@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FASHION, needs_fashion
 from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.runtime import setup_runtime
@@ -16,7 +15,7 @@ from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.privacy.audit import closer_to_train_test, holdout_split
 from fedfactory.server import check_audit
 from fedfactory.site import train_module
-from test_sites import write_image_folder
+from helpers import FASHION, needs_fashion, write_image_folder
 
 CLASSES = ["a", "b"]
 
