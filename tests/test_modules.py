@@ -9,18 +9,9 @@ import torch
 from fedfactory.errors import FedFactoryError
 from fedfactory.modules import base
 from fedfactory.modules import ModuleFileError, load_module
-from fedfactory.modules.cvae import CVAEModule
 from fedfactory.modules.diffusion import DiffusionModule, edm_loss, heun_sampler
+from helpers import TINY_ARCH, TINY_TRAIN, tiny
 
-TINY_ARCH = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1}
-TINY_TRAIN = {"budget_images": 64, "batch_size": 16, "sample_steps": 3}
-
-
-def tiny(kind="diffusion", seed=0, client="client-0"):
-    if kind == "diffusion":
-        return DiffusionModule(TINY_ARCH, TINY_TRAIN, client_id=client, seed=seed, progress=False)
-    return CVAEModule({"channels": 8, "latent": 4}, {"budget_images": 64, "batch_size": 16}, client_id=client,
-                      seed=seed, progress=False)
 
 
 @pytest.fixture(scope="module")

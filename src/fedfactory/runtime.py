@@ -14,7 +14,7 @@ from .tensors import resolve_device, use_bf16
 DEFAULT_THREADS = torch.get_num_threads()
 
 
-# A training site's peak memory (a CPU-preset module under DP-SGD, the largest: 2.2 GB measured), so that
+# A training site's peak memory (a CPU-preset module under DP-SGD, the largest; benchmarks/README.md), so that
 # the automatic split never starts more sites at once than the memory holds.
 SITE_MEMORY = 2.5 * 2**30
 
@@ -33,9 +33,8 @@ def available_memory() -> int:
 
 def site_split(cfg: dict, sites: int) -> tuple[int, int]:
     """(processes, threads each) for training `sites` modules at once: runtime.parallel_clients, or
-    with 0 a rule from measured figures. A small module uses one core well and more poorly (2-core
-    Xeon: one process with 2 threads trains 255-275 images/s, two with 1 thread each 340-361 together,
-    benchmarks/README.md), so the sites train side by side, one process per core up to the number of
+    with 0 a rule from measured figures. A small module uses one core well and two
+    poorly (benchmarks/README.md), so the sites train side by side, one process per core up to the number of
     sites and what the memory holds, and share the cores. One GPU trains one site at a time."""
     rt = cfg["runtime"]
     workers = rt["parallel_clients"]

@@ -48,7 +48,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def use_bf16(device: torch.device, setting: str = "auto") -> bool:
-    """bf16 autocast: on GPUs and on CPUs with AMX/AVX512-BF16 (measured 1.6-2.5x faster here)."""
+    """bf16 autocast: on GPUs and on CPUs with AMX/AVX512-BF16, where it pays (benchmarks/README.md)."""
     if setting != "auto":
         return setting == "on"
     if device.type == "cuda":

@@ -99,8 +99,7 @@ class DiffusionModule(GenerativeModule):
                 "train": {"budget_images": 36_000, "batch_size": 64, "lr": 2e-3, "ema_halflife_images": 10_000,
                           "warmup_images": 5_000, "label_dropout": 0.0, "hflip": False, "p_mean": -1.2, "p_std": 1.2,
                           # Stopping at sigma 0.2 (the last step returns D(x; 0.2)) drops the spurious fine
-                          # texture a small 10-step model paints below it: high-frequency energy 1.14x ->
-                          # 0.96x real, synthetic-trained accuracy 0.807 -> 0.823 (benchmarks/README.md).
+                          # texture a small 10-step model paints below it (benchmarks/README.md).
                           "sample_steps": 10, "sigma_min": 0.2, "guidance": 1.0, "sampler": "heun"},
                 # DP-SGD: twice the batch halves the steps, and the noise on each averaged gradient
                 # (sigma / batch) falls 1.8x at the same epsilon and images; a longer EMA averages more of
@@ -168,7 +167,7 @@ class DiffusionModule(GenerativeModule):
             return (uncond + g * (cond - uncond)).double()
 
         steps, sigma_min = int(self.train_cfg["sample_steps"]), float(self.train_cfg["sigma_min"])
-        sampler = SAMPLERS[self.train_cfg.get("sampler", "heun")]  # a module saved before 0.3 has none: Heun
+        sampler = SAMPLERS[self.train_cfg.get("sampler", "heun")]  # an older manifest names none: Heun
         return sampler(D, latents, steps, sigma_min).clamp(-1, 1)
 
     @torch.no_grad()
