@@ -120,3 +120,19 @@ os._exit(0)  # killed: no shutdown
     assert not _alive(pids["watched"])
     assert _alive(pids["bare"])  # without the watch, the orphan goes on with its task
     os.kill(pids["bare"], 9)
+
+
+def test_a_resumed_run_clears_the_temporary_files_a_kill_left(tmp_path):
+    """A SIGKILL between an atomic write's temporary file and its rename leaves `.NAME.RANDOM.tmp`
+    behind (a file, or a module's folder); the resumed run removes them and keeps every real file."""
+    from fedfactory.server import start_run
+
+    run_dir = tmp_path / "run"
+    (run_dir / "site-audits/client-1").mkdir(parents=True)
+    (run_dir / "site-audits/client-1/.closest_pairs.png.x1y2.tmp").write_bytes(b"half a picture")
+    (run_dir / "modules/.client-0.a9b8.tmp").mkdir(parents=True)
+    (run_dir / "modules/.client-0.a9b8.tmp/module.safetensors").write_bytes(b"half a module")
+    (run_dir / "site-audits/client-1/audit.md").write_text("kept")
+    start_run(load_config(None, []), run_dir, resume=True)
+    assert not list(run_dir.rglob("*.tmp"))
+    assert (run_dir / "site-audits/client-1/audit.md").read_text() == "kept" and (run_dir / "config.toml").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -61,6 +62,12 @@ def start_run(cfg: dict, run_dir: Path, resume: bool = False) -> None:
         check_new_run_dir(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # a run killed mid-write leaves its atomic writes' temporary files; none is ever read
+            for stale in sorted(run_dir.rglob(".*.tmp"), reverse=True):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
         if resume and (run_dir / "config.toml").exists():
             old = (run_dir / "config.toml").read_text()
             if old != dumps(cfg):
