@@ -26,7 +26,7 @@ import numpy as np
 from fedfactory.classify import predict_log_proba, train_classifier
 from fedfactory.config import load_config
 from fedfactory.evaluate import evaluate
-from fedfactory.modules.base import resolve_device, use_bf16
+from fedfactory.tensors import resolve_device, use_bf16
 from fedfactory.runners.embedded import prepare_data, run
 from fedfactory.utils import atomic_write_json, derive_seed
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))  # the device machine runs from a copy of 
 from fedfactory.classify import predict_log_proba, train_classifier  # noqa: E402
 from fedfactory.evaluate import evaluate  # noqa: E402
 from fedfactory.factory import synthesize  # noqa: E402
-from fedfactory.modules.base import use_bf16  # noqa: E402
+from fedfactory.tensors import use_bf16  # noqa: E402
 from fedfactory.modules.diffusion import DiffusionModule  # noqa: E402
 from fedfactory.runtime import cuda_determinism  # noqa: E402
 

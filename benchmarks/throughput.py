@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without instal
 
 from fedfactory.config import load_config  # noqa: E402
 from fedfactory.data import load_dataset  # noqa: E402
-from fedfactory.modules.base import SAMPLE_CHUNK, to_float, use_bf16  # noqa: E402
+from fedfactory.modules.base import SAMPLE_CHUNK  # noqa: E402
+from fedfactory.tensors import to_float, use_bf16  # noqa: E402
 from fedfactory.modules.diffusion import DiffusionModule, denoise, edm_loss  # noqa: E402
 from fedfactory.runtime import DEFAULT_THREADS, site_split  # noqa: E402
 
