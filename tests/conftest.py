@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# FASHION and needs_fashion are for test_audit.py, which imports them from here
-from helpers import FASHION, digits_file, needs_fashion, write_image_folder  # noqa: F401
+from helpers import digits_file, write_image_folder
 
 # Fixtures shared by several test files; plain helpers are in helpers.py. Test files import neither
 # this file nor each other.
