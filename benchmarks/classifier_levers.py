@@ -49,11 +49,11 @@ def main(argv=None) -> int:
     kept = (run_dir / "synthetic").is_dir()
     if not kept:  # an older run: its set is sampled again (deterministic, so the same), and not stored there
         print(f"{run_dir} kept no synthetic set: sampling it again", file=sys.stderr)
-        cfg["factory"]["keep_shards"] = False
+        cfg = cfg.replace({"factory.keep_shards": False})
     setup_runtime(cfg)
     ds, _ = prepare_data(cfg)
     test = evaluation_split(cfg, ds)
-    modules = sorted((load_module(p, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
+    modules = sorted((load_module(p, device=cfg.runtime.device, bf16=cfg.runtime.bf16)
                       for p in sorted((run_dir / "modules").iterdir()) if p.is_dir()), key=lambda m: m.client_id)
     synth = synthesize_all(cfg, modules, test.num_classes, test.class_names, run_dir if kept else None)
     rows = []
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         setup_runtime(vcfg)
         kw = classifier_kw(vcfg, test.augment)
         t = time.perf_counter()
-        net, stats = train_classifier(synth.images, synth.labels, test.num_classes, vcfg["classifier"], vcfg["seed"],
+        net, stats = train_classifier(synth.images, synth.labels, test.num_classes, vcfg.classifier, vcfg.seed,
                                       "server", **kw)
         m = evaluate(test.labels, predict_log_proba(net, test.images, kw["device"], kw["bf16"]), test.num_classes)
         row = {"variant": ",".join(overrides) or "base", "accuracy": m["accuracy"],

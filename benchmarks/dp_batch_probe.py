@@ -79,19 +79,19 @@ def main(argv=None) -> int:
     real = features(reference, test.images[test.labels == cls], kw["device"], kw["bf16"])  # once for every row
     rows = []
     for path in args.module:
-        m = load_module(path, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
+        m = load_module(path, device=cfg.runtime.device, bf16=cfg.runtime.bf16)
         rows.append({"module": path, "dp": m.privacy.get("dp"),
-                     **measure(m, cls, args.samples, reference, real, kw, cfg["seed"])})
+                     **measure(m, cls, args.samples, reference, real, kw, cfg.seed)})
         print(json.dumps(rows[-1]), flush=True)
     for batch, lr in args.variant:
-        vcfg = {**cfg, "module": {**cfg["module"], "batch_size": batch, "lr": lr}}
+        vcfg = cfg.replace({"module.batch_size": batch, "module.lr": lr})
         t = time.perf_counter()
         m = train_module(vcfg, args.client, x, y)
         seconds = time.perf_counter() - t
         dp = m.privacy.get("dp") or {}
         rows.append({"batch": batch, "lr": lr, "train_seconds": round(seconds, 1),
                      "noise_multiplier": dp.get("noise_multiplier"), "epsilon": dp.get("epsilon"), "steps": dp.get("steps"),
-                     **measure(m, cls, args.samples, reference, real, kw, cfg["seed"])})
+                     **measure(m, cls, args.samples, reference, real, kw, cfg.seed)})
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(Path(args.out), {"config": args.config, "client": args.client, "class": cls,
                                        "set": args.set, "rows": rows})

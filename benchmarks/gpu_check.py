@@ -17,6 +17,7 @@ script working (tests/test_gpu_check.py); its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import platform
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the device machine runs from a copy of the tree, uninstalled
 
 from fedfactory.classify import predict_log_proba, train_classifier  # noqa: E402
+from fedfactory.config import ClassifierConfig  # noqa: E402
 from fedfactory.evaluate import evaluate  # noqa: E402
 from fedfactory.factory import synthesize  # noqa: E402
 from fedfactory.tensors import use_bf16  # noqa: E402
@@ -99,9 +101,9 @@ class Check:
                                client_id=client, seed=seed, preset=preset, device=self.device.type,
                                progress=False, compile=compile)
 
-    def classifier_cfg(self, steps: int) -> dict:
+    def classifier_cfg(self, steps: int) -> ClassifierConfig:
         cfg = {**CLASSIFIER, **self.size["classifier"]}
-        return {**cfg, "budget_images": cfg["batch_size"] * steps}
+        return ClassifierConfig(**{**cfg, "budget_images": max(1, cfg["batch_size"] * steps)})
 
     def images(self, key: str, split: str = "train"):
         return self.data[f"{key}_x_{split}"], self.data[f"{key}_y_{split}"]
@@ -182,7 +184,7 @@ class Check:
         (x, y), (xt, yt) = self.images("fashion"), self.images("fashion", "test")
         preset = DiffusionModule.presets["gpu"]["train"]
         budget, per_class = max(8, int(preset["budget_images"] * scale)), max(10, int(5000 * scale))
-        cfg = {**self.classifier_cfg(0), "budget_images": max(512, int(CLASSIFIER["budget_images"] * scale))}
+        cfg = dataclasses.replace(self.classifier_cfg(0), budget_images=max(512, int(CLASSIFIER["budget_images"] * scale)))
         batch = min(preset["batch_size"], budget) if self.cuda else 8
         times, t = {}, time.perf_counter()
         modules = [self.module(batch, budget, client=f"client-{c}").fit(x[y == c], y[y == c]) for c in range(10)]
@@ -197,7 +199,7 @@ class Check:
             accs[name] = evaluate(yt, predict_log_proba(net, xt, self.device, self.bf16), 10)["accuracy"]
             times[f"classifier {name}"] = time.perf_counter() - t
         return {"scale": scale, "module_budget_images": budget, "per_class": per_class,
-                "classifier_budget_images": cfg["budget_images"],
+                "classifier_budget_images": cfg.budget_images,
                 "factory_accuracy": round(accs["factory"], 4), "centralized_accuracy": round(accs["centralized"], 4),
                 "ratio": round(accs["factory"] / max(accs["centralized"], 1e-9), 4),
                 "seconds": {k: round(v, 1) for k, v in times.items()},

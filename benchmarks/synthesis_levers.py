@@ -16,7 +16,6 @@ settings: it must reproduce the run's accuracy bit for bit (a check that the har
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -52,13 +51,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="where to write the JSON (default RUN/synthesis_levers.json)")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
-    cfg = load_config(run_dir / "config.toml", [])
-    cfg["factory"]["keep_shards"] = False  # every variant samples afresh: its synthesis time is the figure
+    # every variant samples afresh: its synthesis time is the figure
+    cfg = load_config(run_dir / "config.toml", ["factory.keep_shards=false"])
     setup_runtime(cfg)
     ds, _ = prepare_data(cfg)
     test = evaluation_split(cfg, ds)
     kw = classifier_kw(cfg, test.augment)
-    modules = sorted((load_module(p, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
+    modules = sorted((load_module(p, device=cfg.runtime.device, bf16=cfg.runtime.bf16)
                       for p in sorted((run_dir / "modules").iterdir()) if p.is_dir()), key=lambda m: m.client_id)
     rows = []
     own_sigma_min = {m.client_id: m.train_cfg["sigma_min"] for m in modules}
@@ -66,13 +65,12 @@ def main(argv=None) -> int:
         for m in modules:
             m.train_cfg.update(sampler=sampler, sample_steps=steps,
                                sigma_min=own_sigma_min[m.client_id] if sigma_min is None else sigma_min)
-        vcfg = copy.deepcopy(cfg)
-        vcfg["factory"]["per_class"] = per_class
+        vcfg = cfg.replace({"factory.per_class": per_class})
         t = time.perf_counter()
         synth = synthesize_all(vcfg, modules, test.num_classes, test.class_names)
         synthesis = time.perf_counter() - t
         t = time.perf_counter()
-        net, _ = train_classifier(synth.images, synth.labels, test.num_classes, vcfg["classifier"], vcfg["seed"],
+        net, _ = train_classifier(synth.images, synth.labels, test.num_classes, vcfg.classifier, vcfg.seed,
                                   "server", **kw)
         classifier = time.perf_counter() - t
         m = evaluate(test.labels, predict_log_proba(net, test.images, kw["device"], kw["bf16"]), test.num_classes)

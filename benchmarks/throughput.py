@@ -196,8 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sites", type=int, default=10, help="sites the automatic split is chosen for")
     ap.add_argument("--splits", default="single,auto", help="comma-separated: single, auto or PxT (e.g. 2x1)")
     args = ap.parse_args(argv)
-    cfg = load_config()
-    cfg["runtime"]["device"] = "cpu"
+    cfg = load_config(None, ["runtime.device=cpu"])
     named = {"single": (1, DEFAULT_THREADS), "auto": site_split(cfg, args.sites)}
     splits: dict[tuple[int, int], str] = {}
     for name in args.splits.split(","):

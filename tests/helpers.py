@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fedfactory.config import ClassifierConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -70,8 +72,8 @@ def tiny(kind="diffusion", seed=0, client="client-0"):
 
 
 # a classifier recipe that trains in a blink (12 steps)
-TINY_CLASSIFIER = {"preset": "cpu", "width": 8, "budget_images": 16 * 12, "batch_size": 16, "optimizer": "sgd",
-                   "lr": 0.05, "weight_decay": 5e-4, "blur": 0.0}
+TINY_CLASSIFIER = ClassifierConfig(preset="cpu", width=8, budget_images=16 * 12, batch_size=16, optimizer="sgd",
+                                   lr=0.05, weight_decay=5e-4, blur=0.0)
 
 
 # -- image folders, as a site would hold them --------------------------------------------------------
@@ -151,7 +153,7 @@ def union_metrics(model_file, test) -> dict:
     """The metrics of the model file on the whole test set, evaluated in one place."""
     from fedfactory.classify.model import load_classifier_file
     from fedfactory.evaluate import evaluate
-    from fedfactory.modules.base import resolve_device, use_bf16
+    from fedfactory.tensors import resolve_device, use_bf16
 
     model = load_classifier_file(model_file)
     device = resolve_device("auto")

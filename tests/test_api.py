@@ -57,7 +57,7 @@ def test_the_readme_example_runs_as_written(digits_npz, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(readme_example(), "README.md api-example", "exec"), scope)
-    assert scope["cfg"]["seed"] == 1 and (tmp_path / "runs/api/report.md").exists()
+    assert scope["cfg"].seed == 1 and (tmp_path / "runs/api/report.md").exists()
     assert scope["proba"].shape == (12, 4) and np.allclose(scope["proba"].sum(1), 1)
     assert np.allclose(scope["proba"], scope["model"].predict_proba(x[..., None]), atol=1e-6)  # files read as arrays
     with open(tmp_path / "predictions.csv", newline="") as f:

@@ -1,6 +1,8 @@
 """The classifier's recipe options: label smoothing, mixup and an EMA of the weights. Off, they leave
 training bit for bit as it was; on, each does what it says, and a seed still repeats."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ def weights(net) -> dict:
 
 
 def fit(data, **options) -> dict:
-    net, _ = train_classifier(*data, 3, {**TINY_CLASSIFIER, **options}, 0, "t", progress=False)
+    net, _ = train_classifier(*data, 3, dataclasses.replace(TINY_CLASSIFIER, **options), 0, "t", progress=False)
     return weights(net)
 
 
@@ -57,9 +59,10 @@ def test_the_ema_averages_weights_and_batchnorm_statistics_and_ramps_up(data):
     # would return the initial weights: chance on three classes that differ only in brightness.
     x = np.repeat(np.array([0, 128, 255], np.uint8), 30)[:, None, None, None] * np.ones((1, 12, 12, 1), np.uint8)
     y = np.repeat(np.arange(3), 30)
-    options = {**TINY_CLASSIFIER, "budget_images": 16 * 40, "blur": 0.0}
+    options = dataclasses.replace(TINY_CLASSIFIER, budget_images=16 * 40, blur=0.0)
     for halflife in (0, 1e9):
-        net, _ = train_classifier(x, y, 3, {**options, "ema_halflife_images": halflife}, 0, "t", "none", progress=False)
+        recipe = dataclasses.replace(options, ema_halflife_images=halflife)
+        net, _ = train_classifier(x, y, 3, recipe, 0, "t", "none", progress=False)
         assert (predict_log_proba(net, x).argmax(1) == y).mean() == 1.0, halflife
 
 

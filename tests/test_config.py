@@ -1,6 +1,6 @@
 import pytest
 
-from fedfactory.config import DEFAULTS, load_config
+from fedfactory.config import ClassifierConfig, load_config
 from fedfactory.errors import FedFactoryError
 
 
@@ -8,10 +8,10 @@ def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('seed = 3\n[partition]\nscheme = "dirichlet:0.1"\n')
     cfg = load_config(path, ["module.lr=0.001", "partition.clients=4", "data.name=br35h", "partition.exclude=['client-1']"])
-    assert cfg["seed"] == 3 and cfg["partition"]["scheme"] == "dirichlet:0.1"
-    assert cfg["module"]["lr"] == 0.001 and cfg["partition"]["clients"] == 4
-    assert cfg["data"]["name"] == "br35h" and cfg["partition"]["exclude"] == ["client-1"]
-    assert cfg["classifier"] == DEFAULTS["classifier"]
+    assert cfg.seed == 3 and cfg.partition.scheme == "dirichlet:0.1"
+    assert cfg.module.overrides["lr"] == 0.001 and cfg.partition.clients == 4
+    assert cfg.data.name == "br35h" and cfg.partition.exclude == ["client-1"]
+    assert cfg.classifier == ClassifierConfig()
 
 
 @pytest.mark.parametrize("override, words", [
@@ -35,7 +35,7 @@ def test_dp_refuses_local_mode_whose_experts_are_not_private(privacy):
     # the experts of local mode leave the sites untouched by DP: an epsilon would misstate the run's privacy
     with pytest.raises(FedFactoryError, match="classifier.mode = \"server\""):
         load_config(None, ["classifier.mode=local", privacy])
-    assert load_config(None, ["classifier.mode=server", privacy])["classifier"]["mode"] == "server"
+    assert load_config(None, ["classifier.mode=server", privacy]).classifier.mode == "server"
 
 
 def test_unknown_key_in_file_suggests_nearest(tmp_path):
@@ -72,9 +72,9 @@ def test_module_keys_are_absent_unless_set_and_checked_when_set():
     from fedfactory.site import new_module
 
     cfg = load_config(None)
-    assert set(cfg["module"]) == {"kind", "preset"}
+    assert set(cfg.to_dict()["module"]) == {"kind", "preset"}
     assert load_config_text(dumps(cfg)) == cfg  # a resolved config round-trips without the unset keys
-    assert load_config(None, ["module.budget_images=500"])["module"]["budget_images"] == 500
+    assert load_config(None, ["module.budget_images=500"]).module.overrides == {"budget_images": 500}
     with pytest.raises(FedFactoryError, match="module.budget_images.*> 0"):
         load_config(None, ["module.budget_images=0"])
     with pytest.raises(FedFactoryError, match="does not apply to module kind 'cvae'"):
@@ -116,7 +116,7 @@ def test_every_key_a_kind_reads_can_be_set(kind, key, value):
     new = _another(value, cls)
     text = tomli_w.dumps({"v": new})[len("v = "):].strip()
     cfg = load_config(None, [f"module.kind='{kind}'", f"module.{key}={text}"])
-    assert cfg["module"][key] == new
+    assert cfg.module.overrides[key] == new
     module = new_module(cfg, "client-0")
     assert {**module.arch, **module.train_cfg}[key] == new
 
@@ -139,3 +139,35 @@ def test_an_unknown_module_key_is_refused_in_one_line(capsys, tmp_path):
     assert main(["run", "configs/fashion-silos.toml", "--out", str(tmp_path / "run"), "--set", "module.no_such_key=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown config key 'module.no_such_key'" in err and "\n" not in err
+
+
+def test_the_readme_key_table_is_the_dataclasses():
+    """The README's config table is generated from the section dataclasses and the registered kinds."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from fedfactory.config import SECTIONS, Config, key_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- config-keys[^>]*-->\n(.*?)\n<!-- /config-keys -->", readme, re.S)
+    assert block and block.group(1) == key_table(), "README's config table is stale: paste fedfactory.config.key_table()"
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)`", block.group(1), re.M))
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name != "overrides":
+                assert f"{section}.{f.name}" in documented and f.metadata["doc"]
+    assert "seed" in documented and len(dataclasses.fields(Config)) == len(SECTIONS) + 1
+
+
+def test_a_config_is_frozen_and_replace_validates():
+    import dataclasses
+
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.classifier.lr = 1.0
+    assert cfg.replace({"classifier.lr": 0.1, "seed": 4}).classifier.lr == 0.1 and cfg.classifier.lr == 0.05
+    with pytest.raises(FedFactoryError, match="'factory.max_share' must be in"):
+        cfg.replace({"factory.max_share": 2.0})
+    with pytest.raises(FedFactoryError, match="unknown config key 'classifier.lrr'"):
+        cfg.replace({"classifier.lrr": 0.1})

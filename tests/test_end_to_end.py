@@ -95,8 +95,8 @@ def test_removing_a_module_leaves_the_others_byte_identical(digits_npz, tmp_path
     out = tmp_path / "run"
     run(cfg, out)
     mods = [load_module(p) for p in sorted((out / "modules").iterdir())]
-    full = synthesize(mods, 4, 40, cfg["seed"], progress=False)
-    without = synthesize([m for m in mods if m.client_id != "client-2"], 4, 40, cfg["seed"],
+    full = synthesize(mods, 4, 40, cfg.seed, progress=False)
+    without = synthesize([m for m in mods if m.client_id != "client-2"], 4, 40, cfg.seed,
                          missing_classes="drop", progress=False)
     assert without.missing_classes == [2]
     for c in (0, 1, 3):

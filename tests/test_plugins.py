@@ -1,6 +1,6 @@
-"""A third-party module kind, defined here and registered through the public hook, runs the whole
-pipeline (audit, factory, classifier) with no file in src/ edited; the entry point group finds one
-in an installed package."""
+"""A third-party module kind and a third-party classifier network, defined here and registered through
+the public hooks, run the whole pipeline (audit, factory, classifier) with no file in src/ edited; the
+entry point groups find them in an installed package."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.errors import FedFactoryError
 from fedfactory.modules import GenerativeModule, load_module, module_kinds, register_kind, unregister_kind
+from fedfactory.classify import registry as classifier_registry
+from fedfactory.classify.model import load_classifier_file
+from fedfactory.classify.registry import register_classifier, unregister_classifier
 from fedfactory.modules import registry
 
 
@@ -67,6 +70,19 @@ def gaussian_kind():
     unregister_kind(GaussianModule.kind)
 
 
+def toy_mlp(in_channels: int, num_classes: int, width: int = 0) -> nn.Module:
+    """A classifier network for classifier.preset = "toy-mlp": two linear layers on 8 x 8 pixels."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(in_channels * 64, width or 32), nn.ReLU(),
+                         nn.Linear(width or 32, num_classes))
+
+
+@pytest.fixture
+def mlp_classifier():
+    register_classifier("toy-mlp", toy_mlp)
+    yield toy_mlp
+    unregister_classifier("toy-mlp")
+
+
 @pytest.fixture
 def digits(tmp_path):
     from sklearn.datasets import load_digits
@@ -79,7 +95,8 @@ def digits(tmp_path):
     return path
 
 
-def test_a_registered_kind_runs_the_whole_pipeline(gaussian_kind, digits, tmp_path):
+def test_a_registered_kind_and_classifier_run_the_whole_pipeline(gaussian_kind, mlp_classifier, digits, tmp_path,
+                                                                   capsys):
     config = tmp_path / "toy.toml"
     config.write_text(textwrap.dedent(f"""\
         [data]
@@ -93,9 +110,9 @@ def test_a_registered_kind_runs_the_whole_pipeline(gaussian_kind, digits, tmp_pa
         [factory]
         per_class = 30
         [classifier]
+        preset = "toy-mlp"
         budget_images = 2048
         batch_size = 64
-        width = 8
         [privacy]
         audit_samples = 50
         [quality]
@@ -115,11 +132,22 @@ def test_a_registered_kind_runs_the_whole_pipeline(gaussian_kind, digits, tmp_pa
         audit = module.saved_manifest["privacy"]["audit"]
         # the audit called the kind's own per-example loss, without knowing the kind
         assert 0 <= audit["mia_auc"] <= 1 and audit["toy_loss"] == "squared distance to the class mean"
+    # the classifier file names its network; the registered one rebuilds it, and predicts as the run evaluated
+    model = load_classifier_file(out / "model.safetensors")
+    assert model.preset == "toy-mlp" and isinstance(model.nets["server"], nn.Sequential)
+    test = np.load(digits)
+    accuracy = float((model.predict(test["x_test"]) == test["y_test"]).mean())
+    assert accuracy == pytest.approx(res["metrics"]["accuracy"], abs=1e-9)
+    unregister_classifier("toy-mlp")  # a loader without the network refuses the file in one line
+    capsys.readouterr()
+    assert main(["predict", str(out / "model.safetensors"), "--images", str(digits), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'toy-mlp'" in err and "registered here" in err and "\n" not in err and not (tmp_path / "p.csv").exists()
 
 
 def test_a_registered_kind_is_checked_like_the_built_in_ones(gaussian_kind):
     cfg = load_config(None, ["module.kind='toy-gaussian'", "module.spread=0.5"])
-    assert cfg["module"]["spread"] == 0.5
+    assert cfg.module.overrides["spread"] == 0.5
     with pytest.raises(FedFactoryError, match="'module.shrink' must be > 0"):
         load_config(None, ["module.kind='toy-gaussian'", "module.shrink=0.0"])
     with pytest.raises(FedFactoryError, match="already registered"):
@@ -128,7 +156,7 @@ def test_a_registered_kind_is_checked_like_the_built_in_ones(gaussian_kind):
 
 def test_an_unregistered_kinds_keys_leave_the_config():
     register_kind(GaussianModule)
-    assert load_config(None, ["module.kind='toy-gaussian'", "module.shrink=0.5"])["module"]["shrink"] == 0.5
+    assert load_config(None, ["module.kind='toy-gaussian'", "module.shrink=0.5"]).module.overrides["shrink"] == 0.5
     unregister_kind(GaussianModule.kind)
     with pytest.raises(FedFactoryError, match="unknown config key 'module.shrink'"):
         load_config(None, ["module.shrink=0.5"])
@@ -153,10 +181,17 @@ def test_the_entry_point_group_finds_an_installed_kind(tmp_path, monkeypatch):
     info = tmp_path / "toyplugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[fedfactory.modules]\ntoy-entry-point = toyplugin:EntryPointKind\n")
+    (info / "entry_points.txt").write_text("[fedfactory.modules]\ntoy-entry-point = toyplugin:EntryPointKind\n"
+                                           "[fedfactory.classifiers]\ntoy-net = test_plugins:toy_mlp\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(classifier_registry, "_entry_points_loaded", False)
     try:
         registry.load_entry_points(again=True)
         assert module_kinds()["toy-entry-point"].__name__ == "EntryPointKind"
+        assert classifier_registry.classifier_networks()["toy-net"][0] is toy_mlp
+        assert load_config(None, ["classifier.preset='toy-net'"]).classifier.preset == "toy-net"
     finally:
         unregister_kind("toy-entry-point")
+        unregister_classifier("toy-net")
+    with pytest.raises(FedFactoryError, match="'classifier.preset' must be one of cpu, gpu; got 'toy-net'"):
+        load_config(None, ["classifier.preset='toy-net'"])

@@ -14,7 +14,7 @@ from fedfactory.classify.model import FederatedClassifier, load_classifier_file
 from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.export import run_onnx, to_onnx
-from fedfactory.modules.base import use_bf16
+from fedfactory.tensors import use_bf16
 from fedfactory.predict import predict_to_csv
 from fedfactory.runners.embedded import prepare_data, run
 from fedfactory.runners.files import server_build

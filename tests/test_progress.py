@@ -110,7 +110,7 @@ def test_the_classifier_and_synthesis_bars_show_on_a_terminal_only(monkeypatch, 
 def test_a_workers_error_still_surfaces_with_the_display(digits_npz, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", Terminal())
     cfg, ds, part = toy(digits_npz, tmp_path)
-    cfg["data"]["name"] = f"npz:{tmp_path / 'gone.npz'}"  # the workers load their data from the config
+    cfg = cfg.replace({"data.name": f"npz:{tmp_path / 'gone.npz'}"})  # the workers load their data from the config
     with pytest.raises(Exception, match="gone.npz"):
         embedded.train_modules(cfg, ds, part, tmp_path, resume=False)
 
@@ -130,7 +130,7 @@ def test_the_automatic_split_of_sites_over_processes_and_threads(monkeypatch, co
     monkeypatch.setattr(runtime, "DEFAULT_THREADS", cores)
     monkeypatch.setattr(runtime, "available_memory", lambda: memory_gb * 2**30)
     monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
-    cfg = {"runtime": {"parallel_clients": setting, "threads": 0, "device": device}}
+    cfg = load_config(None, [f"runtime.parallel_clients={setting}", f"runtime.device={device}"])
     assert runtime.site_split(cfg, sites) == expected
-    cfg["runtime"]["threads"] = 1  # set: each process's own (a site reproducing its module's bits)
+    cfg = cfg.replace({"runtime.threads": 1})  # set: each process's own (a site reproducing its module's bits)
     assert runtime.site_split(cfg, sites)[1] == 1

@@ -8,7 +8,8 @@ The public Python API (each name is imported on first use, so `import fedfactory
     ids = model.predict(images_or_paths); proba = model.predict_proba(images_or_paths)
 
 Configuration and whole runs
-    load_config(path, overrides)          the config as a dict, validated (config.py DEFAULTS)
+    load_config(path, overrides)          a validated, frozen Config: one dataclass per section
+                                          (cfg.classifier.lr; cfg.replace({"seed": 1}) for a copy)
     run(cfg, run_dir, resume=False)       simulate the sites from a public data set, then the server
     compare(cfg, methods, seeds, out)     the factory against centralized and weight-averaging baselines
     unlearn(run_dir, client, ...)         rebuild a run without one client's module (exact unlearning)

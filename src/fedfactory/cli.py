@@ -75,9 +75,9 @@ def cmd_federate(args) -> int:
             node["test"] = str(Path(test).resolve())
     else:
         node_configs = None
-        if args.nodes != cfg["partition"]["clients"] and cfg["partition"]["scheme"] != "natural":
+        if args.nodes != cfg.partition.clients and cfg.partition.scheme != "natural":
             raise FedFactoryError(f"--nodes {args.nodes}: each simulated site is one of partition.clients = "
-                                  f"{cfg['partition']['clients']}; pass --nodes {cfg['partition']['clients']} "
+                                  f"{cfg.partition.clients}; pass --nodes {cfg.partition.clients} "
                                   "(or --set partition.clients=N), or give each site its own folder with --data")
     nodes = len(args.data) if args.data else args.nodes
     if not nodes:

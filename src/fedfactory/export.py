@@ -40,7 +40,7 @@ class Decision(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, images):
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # modules.base.to_model
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # tensors.to_model
         log_proba = F.log_softmax(sum(F.log_softmax(net(x), dim=1) for net in self.nets) + self.mask, dim=1)
         return log_proba.exp(), log_proba
 

@@ -41,7 +41,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .config import DEFAULTS, FromPreset, _flat_keys, dumps, get, load_config
+from .config import Config, RuntimeConfig, all_keys, dumps, get, load_config
 from .errors import FedFactoryError
 from .privacy import dp as dpsgd
 from .site import new_module
@@ -72,51 +72,49 @@ class SitePolicy:
     runtime: dict = field(default_factory=dict)
     sha256: str = ""  # of the policy file's bytes
 
-    def apply(self, request: dict) -> dict:
+    def apply(self, request: Config) -> Config:
         """The site's effective config: the coordinator's request with the site's own [runtime] over it."""
-        cfg = json.loads(json.dumps(request))
-        cfg["runtime"].update(self.runtime)
-        return cfg
+        return request.replace({f"runtime.{k}": v for k, v in self.runtime.items()})
 
-    def check(self, cfg: dict, training_images: int | None = None, phase: str = "module") -> None:
+    def check(self, cfg: Config, training_images: int | None = None, phase: str = "module") -> None:
         """Raise PolicyRefusal naming the first key that breaks the policy. `training_images`: the site's
         images that the module would train on (for max_passes and the DP budget)."""
         self._check_keys(cfg)
-        if (cfg["classifier"]["mode"] == "local" or phase == "expert") and not self.allow_expert:
+        if (cfg.classifier.mode == "local" or phase == "expert") and not self.allow_expert:
             raise PolicyRefusal('site policy refuses classifier.mode = "local": it would send an expert trained '
                                 "on this site's real images, and allow_expert = false")
         if phase == "evaluate" and not self.allow_evaluation:
             raise PolicyRefusal("site policy refuses to evaluate the classifier on this site's test images "
                                 "(allow_evaluation = false)")
-        pv = cfg["privacy"]
+        pv = cfg.privacy
         if self.require_audit:
-            if not pv["enforce"]:
+            if not pv.enforce:
                 raise PolicyRefusal("site policy refuses privacy.enforce = false: this site sends only modules "
                                     "that passed its audit (require_audit = true)")
             for key, bound in self.audit.items():
-                value = pv[key]
+                value = getattr(pv, key)
                 if (value < bound) if key in LOOSER_BELOW else (value > bound):
                     side = "at least" if key in LOOSER_BELOW else "at most"
                     raise PolicyRefusal(f"site policy refuses privacy.{key} = {value:g}: the audit's bound here is "
                                         f"{side} {bound:g} ([audit] {key})")
-        dp = pv["epsilon"] > 0 or pv["noise_multiplier"] > 0
+        dp = pv.dp() is not None
         if self.require_dp and not dp:
             raise PolicyRefusal("site policy refuses a module without differential privacy (require_dp = true): "
                                 "set privacy.epsilon")
         if training_images is not None and phase == "module":
             self._check_budget(cfg, training_images, dp)
 
-    def _check_keys(self, cfg: dict) -> None:
-        for key in _flat_keys(DEFAULTS):
+    def _check_keys(self, cfg: Config) -> None:
+        defaults = Config()
+        for key in all_keys():
             if key.startswith("runtime."):
                 continue  # the site's own machine: [runtime] decides, never a refusal
-            value, default = get(cfg, key, FromPreset), get(DEFAULTS, key)
-            unset = value is FromPreset or (not isinstance(default, FromPreset) and value == default)
-            if not unset and not any(fnmatch.fnmatchcase(key, p) for p in self.may_set):
+            value = get(cfg, key)  # a module key left out: None, the preset's value
+            if value is not None and value != get(defaults, key) and not any(fnmatch.fnmatchcase(key, p) for p in self.may_set):
                 raise PolicyRefusal(f"site policy refuses {key} = {json.dumps(value)[:60]}: the coordinator may set "
                                     f"only {', '.join(self.may_set) or 'nothing'} (may_set)")
 
-    def _check_budget(self, cfg: dict, n: int, dp: bool) -> None:
+    def _check_budget(self, cfg: Config, n: int, dp: bool) -> None:
         """The module's budget as the kind's preset resolves it, in images and in passes; a DP module's epsilon."""
         train = new_module(cfg, "policy-check").train_cfg
         budget = int(train["budget_images"])
@@ -128,10 +126,7 @@ class SitePolicy:
                                 f"passes over this site's {n:,} training images, over max_passes = {self.max_passes:g} "
                                 f"(at most {int(self.max_passes * n):,} images)")
         if dp and self.max_epsilon:
-            pv = cfg["privacy"]
-            spent = dpsgd.plan({k: pv[k] for k in ("epsilon", "noise_multiplier", "delta", "max_grad_norm",
-                                                   "accountant", "noise_multiplicity")},
-                               n, int(train["batch_size"]), budget)["epsilon"]
+            spent = dpsgd.plan(cfg.privacy.dp(), n, int(train["batch_size"]), budget)["epsilon"]
             if spent > self.max_epsilon:
                 raise PolicyRefusal(f"site policy refuses privacy.epsilon: this module would spend epsilon "
                                     f"{spent:.3g}, over max_epsilon = {self.max_epsilon:g}")
@@ -164,7 +159,7 @@ def load_policy(path: str | Path) -> SitePolicy:
             value = tuple(value)
         elif key in ("audit", "runtime"):
             value = _section(path, key, value, AUDIT_DEFAULTS if key == "audit" else
-                             {k: DEFAULTS["runtime"][k] for k in RUNTIME_KEYS})
+                             {k: getattr(RuntimeConfig(), k) for k in RUNTIME_KEYS})
             value = {**AUDIT_DEFAULTS, **value} if key == "audit" else value
         elif isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default) if not
                                                                                  isinstance(default, float) else (int, float)):
@@ -189,8 +184,8 @@ def _section(path: Path, name: str, value, allowed: dict) -> dict:
     return dict(value)
 
 
-def accept(policy: SitePolicy | None, request: dict, client_id: str, phase: str, keep_dir: str | Path = "",
-           training_images: int | None = None) -> dict:
+def accept(policy: SitePolicy | None, request: Config, client_id: str, phase: str, keep_dir: str | Path = "",
+           training_images: int | None = None) -> Config:
     """A coordinator's request at the site: the effective config (the request, then the policy's
     [runtime]), or PolicyRefusal. Either way the site's log (in keep_dir) records what was asked and done."""
     cfg = policy.apply(request) if policy else request
@@ -202,14 +197,14 @@ def accept(policy: SitePolicy | None, request: dict, client_id: str, phase: str,
     except PolicyRefusal as e:
         site_log(keep_dir, client_id, "refused", **entry, reason=str(e))
         raise
-    site_log(keep_dir, client_id, "accepted", **entry, effective_config=cfg)
+    site_log(keep_dir, client_id, "accepted", **entry, effective_config=cfg.to_dict())
     return cfg
 
 
-def record_terms(module, policy: SitePolicy | None, cfg: dict) -> None:
+def record_terms(module, policy: SitePolicy | None, cfg: Config) -> None:
     """The module's manifest records the site's policy and the config the site trained under."""
     if policy:
-        module.site = {"policy": policy.terms(), "policy_sha256": policy.sha256, "config": cfg,
+        module.site = {"policy": policy.terms(), "policy_sha256": policy.sha256, "config": cfg.to_dict(),
                        "config_sha256": config_digest(cfg)}
 
 
@@ -224,5 +219,5 @@ def site_log(keep_dir: str | Path, client_id: str, event: str, **fields) -> None
                             "event": event, **fields}) + "\n")
 
 
-def config_digest(cfg: dict) -> str:
+def config_digest(cfg: Config) -> str:
     return hashlib.sha256(dumps(cfg).encode()).hexdigest()

@@ -20,6 +20,7 @@ The test images only measure: they never select, filter or train anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import warnings
 
@@ -27,6 +28,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .config import Config
 from .classify import predict_log_proba, train_classifier
 from .tensors import to_float
 from .utils import derive_seed
@@ -140,24 +142,24 @@ NOTE = ("Each module's synthetic images against the real test images of its clas
         "select, filter or train nothing.")
 
 
-def train_reference(cfg: dict, images: np.ndarray, labels: np.ndarray, num_classes: int, kw: dict):
+def train_reference(cfg: Config, images: np.ndarray, labels: np.ndarray, num_classes: int, kw: dict):
     """The feature network: the run's classifier recipe on the real training data, for
     quality.reference_budget images (a simulated federation has them; a real server does not)."""
-    ccfg = {**cfg["classifier"], "budget_images": cfg["quality"]["reference_budget"]}
-    return train_classifier(images, labels, num_classes, ccfg, cfg["seed"], "reference", **kw)
+    recipe = dataclasses.replace(cfg.classifier, budget_images=cfg.quality.reference_budget)
+    return train_classifier(images, labels, num_classes, recipe, cfg.seed, "reference", **kw)
 
 
-def quality_report(cfg: dict, reference, synth, test, kw: dict) -> dict:
+def quality_report(cfg: Config, reference, synth, test, kw: dict) -> dict:
     """results.json's `quality` block: the reference's own test accuracy (how good its features
     are) and every module's metrics."""
-    q = cfg["quality"]
+    q = cfg.quality
     accuracy = float((predict_log_proba(reference, test.images, kw["device"], kw["bf16"]).argmax(1)
                       == test.labels).mean())
     modules = module_quality(reference, synth.images, synth.labels, synth.sources, test.images, test.labels,
-                             kw["device"], kw["bf16"], q["k"], q["max_images"], cfg["seed"])
+                             kw["device"], kw["bf16"], q.k, q.max_images, cfg.seed)
     # With the classifier's own budget the reference is centralized training of the same classifier
     # in the same run: the bound that server mode is measured against.
-    centralized = q["reference_budget"] == cfg["classifier"]["budget_images"]
-    return {"note": NOTE, "reference": {"budget_images": q["reference_budget"], "test_accuracy": round(accuracy, 4),
+    centralized = q.reference_budget == cfg.classifier.budget_images
+    return {"note": NOTE, "reference": {"budget_images": q.reference_budget, "test_accuracy": round(accuracy, 4),
                                         "centralized": centralized},
-            "k": q["k"], "modules": modules}
+            "k": q.k, "modules": modules}

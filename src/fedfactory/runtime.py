@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .config import Config
 from .tensors import resolve_device, use_bf16
 
 
@@ -31,21 +32,21 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def site_split(cfg: dict, sites: int) -> tuple[int, int]:
+def site_split(cfg: Config, sites: int) -> tuple[int, int]:
     """(processes, threads each) for training `sites` modules at once: runtime.parallel_clients, or
     with 0 a rule from measured figures. A small module uses one core well and two
     poorly (benchmarks/README.md), so the sites train side by side, one process per core up to the number of
     sites and what the memory holds, and share the cores. One GPU trains one site at a time."""
-    rt = cfg["runtime"]
-    workers = rt["parallel_clients"]
+    rt = cfg.runtime
+    workers = rt.parallel_clients
     if workers == 0:
-        if resolve_device(rt["device"]).type == "cuda":
+        if resolve_device(rt.device).type == "cuda":
             workers = 1
         else:
             workers = max(1, min(DEFAULT_THREADS, int(available_memory() // SITE_MEMORY)))
     workers = max(1, min(workers, sites))
     # runtime.threads, when set, is each process's (so that a site can reproduce its module's bits)
-    return workers, rt["threads"] or threads_each(workers)
+    return workers, rt.threads or threads_each(workers)
 
 
 def threads_each(processes: int) -> int:
@@ -53,11 +54,11 @@ def threads_each(processes: int) -> int:
     return max(1, DEFAULT_THREADS // processes)
 
 
-def setup_runtime(cfg: dict) -> None:
-    rt = cfg["runtime"]
-    torch.set_num_threads(rt["threads"] or DEFAULT_THREADS)
-    if resolve_device(rt["device"]).type == "cuda":
-        cuda_determinism(rt["deterministic"])
+def setup_runtime(cfg: Config) -> None:
+    rt = cfg.runtime
+    torch.set_num_threads(rt.threads or DEFAULT_THREADS)
+    if resolve_device(rt.device).type == "cuda":
+        cuda_determinism(rt.deterministic)
 
 
 def cuda_determinism(on: bool) -> None:
@@ -73,10 +74,10 @@ def cuda_determinism(on: bool) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
 
 
-def classifier_kw(cfg: dict, augment: str = "natural") -> dict:
+def classifier_kw(cfg: Config, augment: str = "natural") -> dict:
     """Device, bf16, progress and augmentation policy for train_classifier (augment: the data's own policy,
     used when classifier.augment is "auto")."""
-    device = resolve_device(cfg["runtime"]["device"])
-    policy = augment if cfg["classifier"]["augment"] == "auto" else cfg["classifier"]["augment"]
-    return dict(augment_policy=policy, device=device, bf16=use_bf16(device, cfg["runtime"]["bf16"]),
-                progress=cfg["runtime"]["progress"])
+    device = resolve_device(cfg.runtime.device)
+    policy = augment if cfg.classifier.augment == "auto" else cfg.classifier.augment
+    return dict(augment_policy=policy, device=device, bf16=use_bf16(device, cfg.runtime.bf16),
+                progress=cfg.runtime.progress)

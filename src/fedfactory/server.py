@@ -29,7 +29,7 @@ import numpy as np
 from . import __version__
 from .classify import classifier_to_bytes, train_classifier
 from .classify.model import FederatedClassifier, select_experts
-from .config import dumps
+from .config import Config, dumps
 from .data import Dataset, LabelledImages, cap_per_class, load_dataset
 from .data.folder import load_labelled
 from .errors import FedFactoryError
@@ -56,7 +56,7 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise FedFactoryError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
 
-def start_run(cfg: dict, run_dir: Path, resume: bool = False) -> None:
+def start_run(cfg: Config, run_dir: Path, resume: bool = False) -> None:
     """Create the run folder and record the config (a changed config on resume keeps the old one beside)."""
     if not resume:
         check_new_run_dir(run_dir)
@@ -77,54 +77,54 @@ def start_run(cfg: dict, run_dir: Path, resume: bool = False) -> None:
         raise FedFactoryError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
 
 
-def evaluation_split(cfg: dict, ds: Dataset) -> LabelledImages:
+def evaluation_split(cfg: Config, ds: Dataset) -> LabelledImages:
     """A loaded data set's test split, capped per class as configured."""
-    d = cfg["data"]
-    if d["classes"] and d["classes"] != ds.class_names:
-        raise FedFactoryError(f"data.classes {d['classes']} differs from {ds.name}'s classes {ds.class_names}")
+    d = cfg.data
+    if d.classes and d.classes != ds.class_names:
+        raise FedFactoryError(f"data.classes {d.classes} differs from {ds.name}'s classes {ds.class_names}")
     x, y = ds.x_test, ds.y_test
-    if d["test_per_class"] > 0:
-        keep = cap_per_class(y, d["test_per_class"], derive_seed(cfg["seed"], "subsample", "test"))
+    if d.test_per_class > 0:
+        keep = cap_per_class(y, d.test_per_class, derive_seed(cfg.seed, "subsample", "test"))
         x, y = x[keep], y[keep]
     return LabelledImages(ds.name, x, y, list(ds.class_names), ds.augment)
 
 
-def load_test_set(cfg: dict, source: str = "") -> LabelledImages:
+def load_test_set(cfg: Config, source: str = "") -> LabelledImages:
     """The server's test set: `source` (a class-per-folder directory, a CSV of path,label or an .npz of
     test images; or a data set name), or, when empty, the config's data set's test split."""
-    d = cfg["data"]
+    d = cfg.data
     if not source:
-        return evaluation_split(cfg, load_dataset(d["name"], root=d["root"], size=d["size"], download=d["download"]))
+        return evaluation_split(cfg, load_dataset(d.name, root=d.root, size=d.size, download=d.download))
     if Path(source).exists():
-        if not d["classes"]:
+        if not d.classes:
             raise FedFactoryError(f"a test set from {source} needs the federation's class list: set data.classes")
-        x, y = load_labelled(source, d["classes"], split="test", size=d["size"], channels=d["channels"])
-        return LabelledImages(Path(source).name, x, y, list(d["classes"]))
-    return evaluation_split({**cfg, "data": {**d, "test_per_class": 0}}, load_dataset(source, size=d["size"]))
+        x, y = load_labelled(source, d.classes, split="test", size=d.size, channels=d.channels)
+        return LabelledImages(Path(source).name, x, y, list(d.classes))
+    return evaluation_split(cfg.replace({"data.test_per_class": 0}), load_dataset(source, size=d.size))
 
 
 NO_TEST_SET = "none"  # a coordinator with no test images: the sites evaluate the classifier (federated)
 
 
-def no_test_set(cfg: dict) -> LabelledImages:
+def no_test_set(cfg: Config) -> LabelledImages:
     """What a coordinator without test images knows of them: the class list and the image shape, both
     from the consortium's config. The sites evaluate the classifier on their own images."""
-    d = cfg["data"]
-    if not d["classes"] or d["size"] <= 0 or d["channels"] not in (1, 3):
+    d = cfg.data
+    if not d.classes or d.size <= 0 or d.channels not in (1, 3):
         raise FedFactoryError("a coordinator without a test set takes the images' shape and classes from the config: "
                               "set data.classes, data.size and data.channels (1 or 3), or give a test set")
-    return LabelledImages(NO_TEST_SET, np.zeros((0, d["size"], d["size"], d["channels"]), np.uint8),
-                          np.zeros(0, np.int64), list(d["classes"]))
+    return LabelledImages(NO_TEST_SET, np.zeros((0, d.size, d.size, d.channels), np.uint8),
+                          np.zeros(0, np.int64), list(d.classes))
 
 
-def test_set_for(cfg: dict, source: str) -> LabelledImages:
+def test_set_for(cfg: Config, source: str) -> LabelledImages:
     """The coordinator's test set, or, for source "none", none (see no_test_set)."""
     return no_test_set(cfg) if source == NO_TEST_SET else load_test_set(cfg, source)
 
 
-def module_limits(cfg: dict, test: LabelledImages) -> Limits:
+def module_limits(cfg: Config, test: LabelledImages) -> Limits:
     """What the server accepts from a site: the federation's caps, image shape and class count."""
-    return Limits.from_config(cfg["federation"], test.image_shape, test.num_classes)
+    return Limits.from_config(cfg.federation, test.image_shape, test.num_classes)
 
 
 def receive_module(run_dir: Path, source: Path, limits: Limits, device: str = "cpu", origin: str = "") -> GenerativeModule:
@@ -144,13 +144,13 @@ def images_digest(test: LabelledImages) -> str:
     return hashlib.sha256(test.images.tobytes() + test.labels.tobytes()).hexdigest()
 
 
-def check_audit(cfg: dict, module: GenerativeModule) -> None:
+def check_audit(cfg: Config, module: GenerativeModule) -> None:
     """Under privacy.enforce a module is refused when its site audit failed, or when it has none although
     the federation asks for one (privacy.holdout > 0): its site should not have sent it."""
-    if not cfg["privacy"]["enforce"]:
+    if not cfg.privacy.enforce:
         return
     a = module.privacy.get("audit")
-    if not a and cfg["privacy"]["holdout"] > 0:
+    if not a and cfg.privacy.holdout > 0:
         raise FedFactoryError(f"module {module.client_id} carries no privacy audit, and the federation asks every "
                               "site for one (privacy.holdout > 0, privacy.enforce)")
     if a and a.get("passed") is not True:
@@ -158,12 +158,12 @@ def check_audit(cfg: dict, module: GenerativeModule) -> None:
                               f"({'; '.join(map(str, a.get('reasons', [])))[:300]}); privacy.enforce refuses it")
 
 
-def federation_roster(cfg: dict, test: LabelledImages):
+def federation_roster(cfg: Config, test: LabelledImages):
     """The consortium's agreement (federation.roster), or None."""
-    return load_roster(cfg["federation"]["roster"], test.class_names) if cfg["federation"]["roster"] else None
+    return load_roster(cfg.federation.roster, test.class_names) if cfg.federation.roster else None
 
 
-def check_module(cfg: dict, m: GenerativeModule, test: LabelledImages, roster=None) -> None:
+def check_module(cfg: Config, m: GenerativeModule, test: LabelledImages, roster=None) -> None:
     """A module must draw images of the federation's shape, of classes in its list and within its site's
     agreement (the roster), and must carry a passed privacy audit (privacy.enforce)."""
     check_audit(cfg, m)
@@ -176,7 +176,7 @@ def check_module(cfg: dict, m: GenerativeModule, test: LabelledImages, roster=No
     check_agreement(roster, m)
 
 
-def check_modules(cfg: dict, modules: list[GenerativeModule], test: LabelledImages) -> None:
+def check_modules(cfg: Config, modules: list[GenerativeModule], test: LabelledImages) -> None:
     roster = federation_roster(cfg, test)
     for m in modules:
         check_module(cfg, m, test, roster)
@@ -188,22 +188,22 @@ def privacy_numbers(block: dict) -> dict:
     return {**({"audit": audit} if audit else {}), **({"dp": block["dp"]} if "dp" in block else {})}
 
 
-def shard_store(cfg: dict, run_dir: Path | None) -> ShardStore | None:
+def shard_store(cfg: Config, run_dir: Path | None) -> ShardStore | None:
     """The run's kept synthetic draws (RUN_DIR/synthetic/), unless factory.keep_shards is off."""
-    return ShardStore(Path(run_dir) / "synthetic") if run_dir is not None and cfg["factory"]["keep_shards"] else None
+    return ShardStore(Path(run_dir) / "synthetic") if run_dir is not None and cfg.factory.keep_shards else None
 
 
-def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int, class_names: list[str],
+def synthesize_all(cfg: Config, modules: list[GenerativeModule], num_classes: int, class_names: list[str],
                    run_dir: Path | None = None):
     """The factory: a class-balanced synthetic set from every module, after the modules that share a class
     have checked each other (factory.check_samples; factory.outliers decides whether the flagged are
     dropped); with a run_dir, draws kept there (a resumed or unlearned run) are taken from it."""
-    f = cfg["factory"]
-    report = cross_check(modules, num_classes, f["check_samples"], cfg["seed"])
-    excluded = excluded_draws(report, modules) if f["outliers"] == "drop" else set()
-    synth = synthesize(modules, num_classes, f["per_class"], cfg["seed"], f["aggregation"], f["missing_classes"],
-                       class_names, progress=cfg["runtime"]["progress"], store=shard_store(cfg, run_dir),
-                       max_share=f["max_share"], excluded=excluded)
+    f = cfg.factory
+    report = cross_check(modules, num_classes, f.check_samples, cfg.seed)
+    excluded = excluded_draws(report, modules) if f.outliers == "drop" else set()
+    synth = synthesize(modules, num_classes, f.per_class, cfg.seed, f.aggregation, f.missing_classes,
+                       class_names, progress=cfg.runtime.progress, store=shard_store(cfg, run_dir),
+                       max_share=f.max_share, excluded=excluded)
     synth.crosscheck = {**report, "dropped": sorted([cid, c] for cid, c in excluded)} if report["checked"] else {}
     return synth
 
@@ -212,7 +212,7 @@ def synthesize_all(cfg: dict, modules: list[GenerativeModule], num_classes: int,
 class Build:
     """What the server computes from the modules (see build); nothing of it is in a run folder until
     write_build puts it there."""
-    cfg: dict
+    cfg: Config
     test: LabelledImages
     modules: list[GenerativeModule]  # by client id
     module_bytes: dict[str, int]     # client id -> size of the weights file it uploaded
@@ -236,11 +236,11 @@ class Build:
         clients = {m.client_id: [m.counts[m.classes.index(c)] if c in m.classes else 0 for c in range(num_classes)]
                    for m in self.modules}
         return {
-            "library_version": __version__, "config": cfg,
+            "library_version": __version__, "config": cfg.to_dict(),
             "dataset": {"name": (test.name if test_source != NO_TEST_SET else "sites' own data") if test_source
-                        else cfg["data"]["name"],
+                        else cfg.data.name,
                         # a simulated federation partitions a public data set; otherwise each site had its own
-                        "partition": "sites' own data" if test_source else cfg["partition"]["scheme"],
+                        "partition": "sites' own data" if test_source else cfg.partition.scheme,
                         "image_shape": list(test.image_shape), "class_names": test.class_names,
                         "train_images": int(sum(map(sum, clients.values()))), "test_images": len(test.labels)},
             "test": {"source": test_source, "name": test.name, "images": len(test.labels),
@@ -257,27 +257,27 @@ class Build:
             "classifier": self.train_stats,
             "quality": self.quality,
             "crosscheck": synth.crosscheck,
-            "agreement": cfg["federation"]["roster"] or None,
+            "agreement": cfg.federation.roster or None,
             "communication": {"rounds": 1, "uploaded_bytes": sum(m["bytes"] for m in mods),
                               # local mode: every site downloads the other sites' modules
                               "downloaded_bytes": sum(m["bytes"] for m in mods) * (len(mods) - 1)
-                              if cfg["classifier"]["mode"] == "local" else 0},
+                              if cfg.classifier.mode == "local" else 0},
         }
 
 
-def train_networks(cfg: dict, modules: list[GenerativeModule], synth: SyntheticSet, test: LabelledImages,
+def train_networks(cfg: Config, modules: list[GenerativeModule], synth: SyntheticSet, test: LabelledImages,
                    experts: dict | None) -> tuple[dict, dict]:
     """The classifier's networks and their training stats, by name: the server's own, trained on the
     synthetic set (server mode), or the sites' experts (local mode; see select_experts)."""
-    if cfg["classifier"]["mode"] == "server":
-        net, stats = train_classifier(synth.images, synth.labels, test.num_classes, cfg["classifier"], cfg["seed"],
+    if cfg.classifier.mode == "server":
+        net, stats = train_classifier(synth.images, synth.labels, test.num_classes, cfg.classifier, cfg.seed,
                                       "server", **classifier_kw(cfg, test.augment))
         return {"server": net}, {"server": stats}
-    chosen = select_experts(experts or {}, [m.client_id for m in modules], cfg["classifier"]["missing_experts"])
+    chosen = select_experts(experts or {}, [m.client_id for m in modules], cfg.classifier.missing_experts)
     return {cid: net for cid, (net, _) in chosen.items()}, {cid: s for cid, (_, s) in chosen.items()}
 
 
-def measure_quality(cfg: dict, reference, synth: SyntheticSet, test: LabelledImages) -> dict:
+def measure_quality(cfg: Config, reference, synth: SyntheticSet, test: LabelledImages) -> dict:
     """results.json's quality block: every module's images against the real ones, in the features of
     `reference` (a classifier trained on real training data); a note when there is none or it fails."""
     if reference is None:
@@ -291,7 +291,7 @@ def measure_quality(cfg: dict, reference, synth: SyntheticSet, test: LabelledIma
         return {"note": note}
 
 
-def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, *,
+def build(cfg: Config, modules: list[GenerativeModule], test: LabelledImages, run_dir: Path, *,
           experts: dict | None = None, synth: SyntheticSet | None = None, reference=None) -> Build:
     """From the uploaded modules onwards: synthesis, classifier, evaluation and quality, computed and
     returned; write_build puts them into the run folder.
@@ -310,9 +310,9 @@ def build(cfg: dict, modules: list[GenerativeModule], test: LabelledImages, run_
         timings["synthesis"] = time.perf_counter() - t
     t = time.perf_counter()
     nets, train_stats = train_networks(cfg, modules, synth, test, experts)
-    c = cfg["classifier"]
-    model = FederatedClassifier(nets, test.class_names, test.image_shape, c["mode"], synth.missing_classes,
-                                c["preset"], c["width"])
+    c = cfg.classifier
+    model = FederatedClassifier(nets, test.class_names, test.image_shape, c.mode, synth.missing_classes,
+                                c.preset, c.width)
     metrics = None
     if len(test.labels):
         kw = classifier_kw(cfg, test.augment)

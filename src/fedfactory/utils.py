@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import tempfile
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
+
+from .errors import FedFactoryError
 
 
 def derive_seed(seed: int, *names: object) -> int:
@@ -72,3 +75,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def entry_point_objects(group: str) -> list[tuple[str, object]]:
+    """(name, loaded object) of every entry point in `group` of the installed packages; a plugin that
+    does not load is named in one line, not hidden."""
+    out = []
+    for ep in entry_points(group=group):
+        try:
+            out.append((ep.name, ep.load()))
+        except Exception as e:
+            raise FedFactoryError(f"entry point {ep.name!r} in {group} ({ep.value}) "
+                                  f"does not load: {type(e).__name__}: {str(e)[:200]}") from None
+    return out

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Config
 from ..classify import build_classifier, predict_log_proba, product_of_experts, train_classifier
 from ..classify.augment import augment
 from ..classify.train import cross_entropy
@@ -23,12 +24,12 @@ from .averaging import ALGORITHMS, FLClient, make_strategy, state_bytes
 METHODS = ("centralized", "local-only", *ALGORITHMS)
 
 
-def run_baseline(method: str, cfg: dict, ds: Dataset, part: Partition) -> tuple[np.ndarray, dict]:
+def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tuple[np.ndarray, dict]:
     """Train `method` and return log-probabilities on the real test set and what it cost."""
-    c, seed, progress = cfg["classifier"], cfg["seed"], cfg["runtime"]["progress"]
-    device = resolve_device(cfg["runtime"]["device"])
-    bf16 = use_bf16(device, cfg["runtime"]["bf16"])
-    policy = ds.augment if c["augment"] == "auto" else c["augment"]
+    c, seed, progress = cfg.classifier, cfg.seed, cfg.runtime.progress
+    device = resolve_device(cfg.runtime.device)
+    bf16 = use_bf16(device, cfg.runtime.bf16)
+    policy = ds.augment if c.augment == "auto" else c.augment
     kw = dict(augment_policy=policy, device=device, bf16=bf16, progress=progress)
     if method == "centralized":
         idx = np.sort(np.concatenate(list(part.indices.values())))
@@ -53,21 +54,21 @@ def run_baseline(method: str, cfg: dict, ds: Dataset, part: Partition) -> tuple[
 
 
 def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
-    c, b, seed = cfg["classifier"], cfg["baselines"], cfg["seed"]
+    c, b, seed = cfg.classifier, cfg.baselines, cfg.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "classifier", method, "init"))
-        net = build_classifier(ds.image_shape[-1], ds.num_classes, c["preset"], c["width"]).to(device)
+        net = build_classifier(ds.image_shape[-1], ds.num_classes, c.preset, c.width).to(device)
     gen = torch.Generator(device).manual_seed(derive_seed(seed, method, "augment"))
 
     def client(cid, idx):
         x_all, y_all = to_float(ds.x_train[idx]).to(device), torch.from_numpy(ds.y_train[idx]).to(device)
 
         def batches(r):
-            for e in range(b["local_epochs"]):
+            for e in range(b.local_epochs):
                 order = np.random.default_rng(derive_seed(seed, method, cid, r, e)).permutation(len(idx))
-                for i in range(0, len(order), c["batch_size"]):
-                    sel = torch.from_numpy(order[i : i + c["batch_size"]]).to(device)
-                    yield augment(x_all[sel], policy, gen, c["blur"]), y_all[sel]
+                for i in range(0, len(order), c.batch_size):
+                    sel = torch.from_numpy(order[i : i + c.batch_size]).to(device)
+                    yield augment(x_all[sel], policy, gen, c.blur), y_all[sel]
         return FLClient(cid, len(idx), batches)
 
     def loss_fn(model, x, y):
@@ -77,16 +78,16 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
     curve = []
 
     def on_round(r, model):
-        if (r + 1) % b["eval_every"] == 0 or r + 1 == b["rounds"]:
+        if (r + 1) % b.eval_every == 0 or r + 1 == b.rounds:
             lp = predict_log_proba(model, ds.x_test, device, bf16)
             curve.append({"round": r + 1, "accuracy": float((lp.argmax(1) == ds.y_test).mean())})
             bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
         bar.update(1)
 
     clients = [client(cid, idx) for cid, idx in part.indices.items()]
-    with tqdm(total=b["rounds"], desc=method, unit="round", disable=None if cfg["runtime"]["progress"] else True, leave=False) as bar:
-        strategy = make_strategy(method, lr=b["lr"], fraction=b["fraction"], weight_decay=c["weight_decay"],
-                                 mu=b["mu"], alpha=b["alpha"])
-        info = strategy.fit(net, clients, loss_fn, b["rounds"], seed, on_round=on_round)
+    with tqdm(total=b.rounds, desc=method, unit="round", disable=None if cfg.runtime.progress else True, leave=False) as bar:
+        strategy = make_strategy(method, lr=b.lr, fraction=b.fraction, weight_decay=c.weight_decay,
+                                 mu=b.mu, alpha=b.alpha)
+        info = strategy.fit(net, clients, loss_fn, b.rounds, seed, on_round=on_round)
     info["learning_curve"] = curve
     return predict_log_proba(net, ds.x_test, device, bf16), info

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -28,7 +29,7 @@ from .. import __version__
 from ..data.folder import load_files
 from ..errors import FedFactoryError
 from ..modules.fileformat import check_client_id
-from .networks import PRESETS, ResNet
+from .registry import classifier_networks
 from .train import build_classifier, predict_log_proba, product_of_experts
 
 FORMAT = "fedfactory-classifier"
@@ -41,7 +42,7 @@ MAX_NETS, MAX_CLASSES, MAX_SIDE, MAX_WIDTH, MAX_BYTES, MAX_HEADER = 256, 10_000,
 
 @dataclass
 class FederatedClassifier:
-    nets: dict[str, ResNet]           # "server", or one expert per client id (local mode)
+    nets: dict[str, torch.nn.Module]           # "server", or one expert per client id (local mode)
     class_names: list[str]
     image_shape: tuple[int, int, int]  # H, W, C
     mode: str = "server"               # server | local (Product of Experts)
@@ -95,7 +96,8 @@ class FederatedClassifier:
     # -- the file -------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
-                "mode": self.mode, "networks": list(self.nets), "architecture": "resnet", "preset": self.preset,
+                "mode": self.mode, "networks": list(self.nets), "architecture": classifier_networks()[self.preset][1],
+                "preset": self.preset,
                 "width": self.width, "class_names": list(self.class_names), "image_shape": list(self.image_shape),
                 "missing_classes": list(self.missing_classes), "preprocessing": PREPROCESSING,
                 "combine": "one network" if self.mode == "server" else
@@ -158,8 +160,9 @@ def _description(blob: bytes, where: str) -> dict:
         raise bad(f"unknown format {str(d.get('format') if isinstance(d, dict) else d)[:40]!r} "
                   f"version {d.get('format_version') if isinstance(d, dict) else None!r}")
     names, classes, shape = d.get("networks"), d.get("class_names"), d.get("image_shape")
-    if d.get("mode") not in ("server", "local") or d.get("preset") not in PRESETS:
-        raise bad("mode must be server or local, preset one of " + ", ".join(PRESETS))
+    if d.get("mode") not in ("server", "local") or d.get("preset") not in classifier_networks():
+        raise bad(f"mode must be server or local, preset one of {', '.join(classifier_networks())} (a network "
+                  f"registered here), got {str(d.get('mode'))[:20]!r}, {str(d.get('preset'))[:40]!r}")
     if not isinstance(names, list) or not 1 <= len(names) <= MAX_NETS or len(set(map(str, names))) != len(names):
         raise bad(f"networks must be 1 to {MAX_NETS} distinct names")
     for name in names:

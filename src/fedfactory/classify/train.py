@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,12 +20,15 @@ from ..errors import FedFactoryError
 from ..tensors import INDEX_BLOCK, to_float, to_model
 from ..utils import derive_seed, ema_step
 from .augment import augment
-from .networks import PRESETS, ResNet
+from .registry import build_network
+
+if TYPE_CHECKING:  # annotations only: the config imports this package's registry
+    from ..config import ClassifierConfig
 
 
-def build_classifier(in_channels: int, num_classes: int, preset: str = "cpu", width: int = 0) -> ResNet:
-    p = PRESETS[preset]
-    return ResNet(in_channels, num_classes, width=width or p["width"], blocks=p["blocks"])
+def build_classifier(in_channels: int, num_classes: int, preset: str = "cpu", width: int = 0) -> torch.nn.Module:
+    """The network `classifier.preset` names (classify/registry.py), untrained."""
+    return build_network(preset, in_channels, num_classes, width)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -36,14 +40,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float =
     return nll if smoothing == 0 else (1 - smoothing) * nll - smoothing * logp.mean()
 
 
-def _optimizer(net: torch.nn.Module, cfg: dict, steps: int, device: torch.device):
+def _optimizer(net: torch.nn.Module, cfg: ClassifierConfig, steps: int, device: torch.device):
     """SGD (Nesterov) or AdamW, and a linear warm-up into a cosine decay over `steps`."""
     fused = device.type == "cuda"  # one kernel for all parameters on a GPU; the CPU keeps its loop (and bits)
-    if cfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True,
-                              weight_decay=cfg["weight_decay"], fused=fused)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay, fused=fused)
     else:
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     warmup = max(1, steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -87,10 +91,10 @@ def _mixed_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: flo
 
 # many parameters because the runtime's settings (augment policy, device, bf16, progress) come as keywords
 # beside the data and the recipe, as runtime.classifier_kw gives them to every caller
-def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: dict, seed: int, name: str,
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig, seed: int, name: str,
                      augment_policy: str = "natural", device: torch.device | str = "cpu", bf16: bool = False,
-                     progress: bool = True) -> tuple[ResNet, dict]:
-    """Train from scratch for cfg['budget_images'] images; batches are drawn class-balanced.
+                     progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Train from scratch for cfg.budget_images images; batches are drawn class-balanced.
     Optional (cfg): label smoothing, mixup (Beta(a, a) weights), an EMA of the weights and BatchNorm
     statistics (half-life in images), which is the network returned.
 
@@ -101,15 +105,15 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "classifier", name, "init"))
-        net = build_classifier(images.shape[-1], num_classes, cfg["preset"], cfg["width"]).to(device)
-    batch = int(cfg["batch_size"])
-    steps = max(1, math.ceil(cfg["budget_images"] / batch))
+        net = build_classifier(images.shape[-1], num_classes, cfg.preset, cfg.width).to(device)
+    batch = int(cfg.batch_size)
+    steps = max(1, math.ceil(cfg.budget_images / batch))
     opt, sched = _optimizer(net, cfg, steps, device)
     rng = np.random.default_rng(derive_seed(seed, "classifier", name, "batches"))
     gen = torch.Generator(device).manual_seed(derive_seed(seed, "classifier", name, "augment"))
-    smoothing, mixup = float(cfg.get("label_smoothing", 0.0)), float(cfg.get("mixup", 0.0))
+    smoothing, mixup = float(cfg.label_smoothing), float(cfg.mixup)
     mix_rng = np.random.default_rng(derive_seed(seed, "classifier", name, "mixup"))
-    halflife = float(cfg.get("ema_halflife_images", 0))
+    halflife = float(cfg.ema_halflife_images)
     ema, ema_tensors, net_tensors = _ema_copy(net, halflife)
     # uint8 on the device, converted per batch (a read-only array copied: torch warns on one)
     pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device)
@@ -119,7 +123,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     t0, loss_avg = time.perf_counter(), None
     bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for step, idx in zip(bar, _balanced_batches(labels, num_classes, rng, steps, batch, device)):
-        x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg["blur"]), y_all[idx]
+        x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg.blur), y_all[idx]
         lam = float(mix_rng.beta(mixup, mixup)) if mixup > 0 else 1.0
         loss = _mixed_loss(net, x, y, lam, smoothing, device.type, bf16)
         opt.zero_grad(set_to_none=True)
@@ -165,14 +169,14 @@ def classifier_to_bytes(net: torch.nn.Module, name: str) -> bytes:
                             metadata={"fedfactory-classifier": name})
 
 
-def classifier_from_bytes(blob: bytes, in_channels: int, num_classes: int, cfg: dict) -> tuple[ResNet, str]:
+def classifier_from_bytes(blob: bytes, in_channels: int, num_classes: int, cfg: ClassifierConfig) -> tuple[torch.nn.Module, str]:
     """The network and name of classifier bytes; refuses anything that is not this run's architecture."""
     try:
         n = int.from_bytes(blob[:8], "little")
         if len(blob) < 8 or n > len(blob) - 8:
             raise ValueError("truncated header")
         meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
-        net = build_classifier(in_channels, num_classes, cfg["preset"], cfg["width"])
+        net = build_classifier(in_channels, num_classes, cfg.preset, cfg.width)
         net.load_state_dict(load_safetensors(blob))
     except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError, AttributeError) as e:
         raise FedFactoryError(f"not a classifier of this run's architecture: {str(e).splitlines()[0][:200]}") from None

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import FedFactoryError
-from ..tensors import INDEX_BLOCK, index_blocks, resolve_device, to_float, to_model, to_uint8, use_bf16  # noqa: F401 (re-exported)
+from ..tensors import resolve_device, to_model, to_uint8, use_bf16
 from ..utils import derive_seed, ema_step
 from .fileformat import serialize, write_module_dir
 from .limits import is_int

@@ -29,9 +29,10 @@ class Limits:
     num_classes: int | None = None                   # the federation's class count, when known
 
     @classmethod
-    def from_config(cls, federation: dict, image_shape=None, num_classes=None) -> "Limits":
+    def from_config(cls, federation, image_shape=None, num_classes=None) -> "Limits":
+        """The caps of a config's [federation] section (config.FederationConfig; modules never import the config)."""
         keys = ("max_parameters", "max_channels", "max_resolution", "max_count", "max_module_bytes")
-        return cls(**{k: federation[k] for k in keys}, image_shape=tuple(image_shape) if image_shape else None,
+        return cls(**{k: getattr(federation, k) for k in keys}, image_shape=tuple(image_shape) if image_shape else None,
                    num_classes=num_classes)
 
 

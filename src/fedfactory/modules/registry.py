@@ -20,9 +20,9 @@ loaded the first time the kinds are asked for.
 from __future__ import annotations
 
 import re
-from importlib.metadata import entry_points
 
 from ..errors import FedFactoryError
+from ..utils import entry_point_objects
 from .base import GenerativeModule
 
 ENTRY_POINT_GROUP = "fedfactory.modules"
@@ -60,12 +60,7 @@ def load_entry_points(again: bool = False) -> None:
     if _entry_points_loaded and not again:
         return
     _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as e:  # a broken plugin is named, not hidden
-            raise FedFactoryError(f"entry point {ep.name!r} in {ENTRY_POINT_GROUP} ({ep.value}) "
-                                  f"does not load: {type(e).__name__}: {str(e)[:200]}") from None
+    for _, cls in entry_point_objects(ENTRY_POINT_GROUP):
         if _KINDS.get(getattr(cls, "kind", None)) is not cls:
             register_kind(cls)
 

@@ -6,7 +6,6 @@ re-run. The factory runs through the embedded runner; baselines through baseline
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..config import Config
 from ..baselines import METHODS, run_baseline
 from ..errors import FedFactoryError
 from ..evaluate import evaluate
@@ -27,7 +27,7 @@ ALL_METHODS = ("factory", *METHODS)
 TABLE = ("accuracy", "balanced_accuracy", "auroc", "f1")
 
 
-def run_method(method: str, cfg: dict, out: Path) -> dict:
+def run_method(method: str, cfg: Config, out: Path) -> dict:
     if method == "factory":
         return run(cfg, out, resume=(out / "config.toml").exists())
     setup_runtime(cfg)
@@ -35,7 +35,7 @@ def run_method(method: str, cfg: dict, out: Path) -> dict:
     ds, part = prepare_data(cfg)
     log_proba, info = run_baseline(method, cfg, ds, part)
     wall = time.perf_counter() - t
-    results = {"library_version": __version__, "method": method, "config": cfg,
+    results = {"library_version": __version__, "method": method, "config": cfg.to_dict(),
                "metrics": evaluate(ds.y_test, log_proba, ds.num_classes), "timings": {"total": round(wall, 2)},
                "clients": part.counts, "communication": {k: info.pop(k) for k in ("rounds", "uploaded_bytes", "downloaded_bytes")},
                "details": info}
@@ -61,14 +61,14 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def compare(cfg: dict, methods: list[str], seeds: list[int], out: str | Path) -> dict:
+def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path) -> dict:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
         raise FedFactoryError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     if not seeds:
         raise FedFactoryError("--seeds needs at least one seed")
     out = Path(out)
-    summary = {"config": cfg, "seeds": seeds, "methods": {}}
+    summary = {"config": cfg.to_dict(), "seeds": seeds, "methods": {}}
     for method in methods:
         runs = []
         for seed in seeds:
@@ -76,9 +76,7 @@ def compare(cfg: dict, methods: list[str], seeds: list[int], out: str | Path) ->
             if (d / "results.json").exists():
                 runs.append(json.loads((d / "results.json").read_text()))
                 continue
-            c = copy.deepcopy(cfg)
-            c["seed"] = seed
-            runs.append(run_method(method, c, d))
+            runs.append(run_method(method, cfg.replace({"seed": seed}), d))
         summary["methods"][method] = _summary(runs)
     atomic_write_json(out / "comparison.json", summary)
     _write_markdown(out, summary)

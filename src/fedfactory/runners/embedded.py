@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import Config
 from ..data import Dataset, Partition
 from ..errors import FedFactoryError
 from ..modules import GenerativeModule, ModuleFileError, load_module
@@ -31,22 +32,22 @@ from ..site import POLICY, check_upload, new_module, save_audit_report, train_ex
 from .common import prepare_data, site_data, sites_reference
 
 
-def _reusable(path: Path, cfg: dict, labels, cid: str) -> GenerativeModule | None:
+def _reusable(path: Path, cfg: Config, labels, cid: str) -> GenerativeModule | None:
     """A module already in the run folder that verifies and matches this client's data (less its
     held-out share) and config, its privacy settings included."""
     try:
-        m = load_module(path, device=cfg["runtime"]["device"], bf16=cfg["runtime"]["bf16"])
+        m = load_module(path, device=cfg.runtime.device, bf16=cfg.runtime.bf16)
     except ModuleFileError:
         return None
-    pv = cfg["privacy"]
-    train, held = holdout_split(labels, pv["holdout"], cfg["seed"], cid)
+    pv = cfg.privacy
+    train, held = holdout_split(labels, pv.holdout, cfg.seed, cid)
     classes, counts = (v.tolist() for v in np.unique(labels[train], return_counts=True))
     fresh = new_module(cfg, cid)
     audit, sampling = m.privacy.get("audit", {}), set(m.sampling_keys)
-    if (m.kind != cfg["module"]["kind"] or m.classes != classes or m.counts != counts
-            or m.arch != fresh.arch or m.seed != cfg["seed"]
+    if (m.kind != cfg.module.kind or m.classes != classes or m.counts != counts
+            or m.arch != fresh.arch or m.seed != cfg.seed
             or any(m.train_cfg.get(k) != v for k, v in fresh.train_cfg.items() if k not in sampling)
-            or bool(len(held)) != bool(audit) or audit.get("policy", {}) != ({k: pv[k] for k in POLICY} if audit else {})
+            or bool(len(held)) != bool(audit) or audit.get("policy", {}) != ({k: getattr(pv, k) for k in POLICY} if audit else {})
             or m.privacy.get("dp") != _dp_claim(fresh, len(train))):
         return None
     if any(m.train_cfg.get(k) != fresh.train_cfg[k] for k in sampling):
@@ -80,7 +81,7 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _train_in_worker(cfg: dict, cid: str, path: str, news=None) -> dict:
+def _train_in_worker(cfg: Config, cid: str, path: str, news=None) -> dict:
     """A site's training in its own process (the sites of a federation are independent); its progress
     goes to the `news` queue, if given, as (client, steps done, steps, images seen, seconds)."""
     setup_runtime(cfg)
@@ -97,7 +98,7 @@ def audit_dir(run_dir: Path, cid: str) -> Path:
     return run_dir / "site-audits" / cid
 
 
-def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
+def train_modules(cfg: Config, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
     """Every site's module, trained here or reused (resume); several sites at once in separate
     processes, each with its share of the cores, as runtime.site_split decides."""
     todo, modules = [], {}
@@ -108,16 +109,16 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
             todo.append(cid)
         else:
             modules[cid] = m
-    rt = cfg["runtime"]
+    rt = cfg.runtime
     # disable=None: no display when stderr is not a terminal (a log file, a pipe)
-    bar = tqdm(total=len(todo), desc="client modules", unit="client", disable=None if rt["progress"] else True,
+    bar = tqdm(total=len(todo), desc="client modules", unit="client", disable=None if rt.progress else True,
                dynamic_ncols=True)
     workers, threads = site_split(cfg, len(todo))
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        sub = {**cfg, "runtime": {**rt, "progress": False, "threads": threads}}
+        sub = cfg.replace({"runtime.progress": False, "runtime.threads": threads})
         ctx, show = multiprocessing.get_context("spawn"), not bar.disable
         # The manager (only when shown) outlives the pool: workers may still report while it shuts down.
         with ctx.Manager() if show else contextlib.nullcontext() as manager, \
@@ -146,13 +147,13 @@ def train_modules(cfg: dict, ds: Dataset, part: Partition, run_dir: Path, resume
     bar.close()
     for cid in todo:
         if cid not in modules:
-            modules[cid] = load_module(run_dir / "modules" / cid, rt["device"], rt["bf16"])
+            modules[cid] = load_module(run_dir / "modules" / cid, rt.device, rt.bf16)
     for cid in part.clients:  # every site trains before one that failed its audit stops the run
         check_upload(cfg, modules[cid], kept_at=f"{run_dir / 'modules' / cid} and {audit_dir(run_dir, cid)}")
     return [modules[cid] for cid in part.clients]
 
 
-def train_experts(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) -> dict:
+def train_experts(cfg: Config, ds: Dataset, part: Partition, synth: SyntheticSet) -> dict:
     """Local mode: every simulated site trains its expert from its own images and the others' modules.
 
     A site uses synthetic images only of the classes it lacks, which only the other modules cover, and
@@ -168,7 +169,7 @@ def train_experts(cfg: dict, ds: Dataset, part: Partition, synth: SyntheticSet) 
     return experts
 
 
-def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
+def run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """The whole federation, simulated, writing into run_dir; `resume` reuses verified modules already there."""
     run_dir = Path(run_dir)
     start_run(cfg, run_dir, resume)
@@ -184,7 +185,7 @@ def run(cfg: dict, run_dir: str | Path, resume: bool = False) -> dict:
     reference = sites_reference(cfg, ds, part)
     timings["reference"] = time.perf_counter() - t
     experts = synth = None
-    if cfg["classifier"]["mode"] == "local":
+    if cfg.classifier.mode == "local":
         t = time.perf_counter()
         synth = synthesize_all(cfg, modules, ds.num_classes, ds.class_names, run_dir)
         timings["synthesis"] = time.perf_counter() - t

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Config
 from ..classify import classifier_from_bytes, classifier_to_bytes
 from ..classify.model import load_classifier_file
 from ..errors import FedFactoryError
@@ -41,7 +42,7 @@ from ..utils import atomic_write_bytes, atomic_write_json
 MAX_ANSWER_BYTES = 64 << 20  # a site's evaluation: counts only
 
 
-def site_train(cfg: dict, data: str, out: str | Path, client_id: str = "", audit_out: str | Path = "",
+def site_train(cfg: Config, data: str, out: str | Path, client_id: str = "", audit_out: str | Path = "",
                policy: SitePolicy | None = None, sign_key: str | Path = "") -> GenerativeModule:
     """A site makes its module alone, from its own data only; the client id defaults to the folder name of `out`.
     Its audit report (which shows training images) goes to `audit_out`, by default `<out>-audit` beside it.
@@ -56,7 +57,7 @@ def site_train(cfg: dict, data: str, out: str | Path, client_id: str = "", audit
     if sign_key:
         load_private_key(sign_key)  # a bad key fails now, not after training
     images, labels = load_site_data(cfg, data)
-    n_train = len(holdout_split(labels, cfg["privacy"]["holdout"], cfg["seed"], cid)[0])
+    n_train = len(holdout_split(labels, cfg.privacy.holdout, cfg.seed, cid)[0])
     cfg = accept(policy, cfg, cid, "module", policy.keep_dir if policy else "", n_train)
     setup_runtime(cfg)
     module = train_module(cfg, cid, images, labels)
@@ -67,30 +68,30 @@ def site_train(cfg: dict, data: str, out: str | Path, client_id: str = "", audit
     return module
 
 
-def site_audit(cfg: dict, module_dir: str | Path, data: str, out: str | Path = "", policy: SitePolicy | None = None) -> dict:
+def site_audit(cfg: Config, module_dir: str | Path, data: str, out: str | Path = "", policy: SitePolicy | None = None) -> dict:
     """Audit any module against the site's data, split as training split it (the config's privacy.holdout
     and the module's seed and client id). Writes the site's report to `out`; the module is not changed.
     With a policy, the audit's thresholds may be stricter than the policy's, never looser."""
     module_dir = Path(module_dir)
-    module = load_module(module_dir, cfg["runtime"]["device"], cfg["runtime"]["bf16"])
+    module = load_module(module_dir, cfg.runtime.device, cfg.runtime.bf16)
     cfg = accept(policy, cfg, module.client_id, "audit", policy.keep_dir if policy else "")
     setup_runtime(cfg)
     images, labels = load_site_data(cfg, data)
-    pv = cfg["privacy"]
-    if pv["holdout"] <= 0:
+    pv = cfg.privacy
+    if pv.holdout <= 0:
         raise FedFactoryError("privacy.holdout is 0: an audit needs the site's held-out images")
-    train, held = holdout_split(labels, pv["holdout"], module.seed, module.client_id)
+    train, held = holdout_split(labels, pv.holdout, module.seed, module.client_id)
     counts = [int(np.sum(labels[train] == c)) for c in module.classes]
     if counts != module.counts:
         raise FedFactoryError(f"{module_dir} was trained on {module.counts} images of classes {module.classes}; "
-                              f"{data} with privacy.holdout = {pv['holdout']} leaves {counts} for training: the "
+                              f"{data} with privacy.holdout = {pv.holdout} leaves {counts} for training: the "
                               "held-out images may have been trained on (same data, holdout and seed as at training?)")
     result = audit_module(cfg, module, images[train], labels[train], images[held], labels[held])
     save_audit_report(module, out or module_dir.parent / f"{module_dir.name}-audit")
     return result
 
 
-def site_expert(cfg: dict, data: str, module_dirs: list[str], out: str | Path, client_id: str,
+def site_expert(cfg: Config, data: str, module_dirs: list[str], out: str | Path, client_id: str,
                 policy: SitePolicy | None = None):
     """Local mode: a site's expert classifier from its own data and the other sites' module folders
     (refused when the site's policy does not let an expert leave it)."""
@@ -99,8 +100,8 @@ def site_expert(cfg: dict, data: str, module_dirs: list[str], out: str | Path, c
     setup_runtime(cfg)
     images, labels = load_site_data(cfg, data)
     num_classes = len(federation_classes(cfg))
-    limits = Limits.from_config(cfg["federation"], images.shape[1:], num_classes)  # as the server checks them
-    others = [load_module(d, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits) for d in module_dirs]
+    limits = Limits.from_config(cfg.federation, images.shape[1:], num_classes)  # as the server checks them
+    others = [load_module(d, cfg.runtime.device, cfg.runtime.bf16, limits=limits) for d in module_dirs]
     synth = synthesize_for_site(cfg, others, num_classes)
     net, stats = train_expert(cfg, cid, images, labels, num_classes, synth)
     atomic_write_bytes(out, classifier_to_bytes(net, cid))
@@ -142,7 +143,7 @@ def server_pool(run_dir: str | Path, answer_files: list[str]) -> dict:
     return pool_site_evaluations(Path(run_dir), answers)
 
 
-def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, expert_files: list[str] = ()) -> dict:
+def server_build(cfg: Config, module_dirs: list[str], test: str, out: str | Path, expert_files: list[str] = ()) -> dict:
     """The server's whole job from module folders gathered in any way: verify, register, factory, classifier.
     Everything is read and checked before the run folder is created, so a bad input leaves nothing behind.
     Without a test set (test ""), the sites evaluate the classifier (site evaluate, then server pool)."""
@@ -154,7 +155,7 @@ def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, 
     test_set = test_set_for(cfg, test)
     timings = {"data": time.perf_counter() - t}
     limits = module_limits(cfg, test_set)
-    incoming = [load_module(d, cfg["runtime"]["device"], limits=limits) for d in module_dirs]
+    incoming = [load_module(d, cfg.runtime.device, limits=limits) for d in module_dirs]
     ids = [m.client_id for m in incoming]
     if len(set(ids)) != len(ids):
         raise FedFactoryError(f"two module folders claim the same client id: {sorted(ids)}")
@@ -165,11 +166,11 @@ def server_build(cfg: dict, module_dirs: list[str], test: str, out: str | Path, 
             blob = Path(f).read_bytes()
         except OSError as e:
             raise FedFactoryError(f"cannot read expert {f}: {e.strerror or e}") from None
-        net, name = classifier_from_bytes(blob, test_set.image_shape[-1], test_set.num_classes, cfg["classifier"])
+        net, name = classifier_from_bytes(blob, test_set.image_shape[-1], test_set.num_classes, cfg.classifier)
         if name not in ids:
             raise FedFactoryError(f"expert {f} names client {name!r}, which sent no module")
         experts[name] = (net, {"trained_at": "site", "file": str(f)})
     start_run(cfg, out)
-    modules = [receive_module(out, Path(d), limits, cfg["runtime"]["device"]) for d in module_dirs]
+    modules = [receive_module(out, Path(d), limits, cfg.runtime.device) for d in module_dirs]
     built = build(cfg, modules, test_set, out, experts=experts)
     return write_build(out, built, built.results(test, timings))

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import dumps, load_config
+from ..config import Config, dumps, load_config
 from ..errors import FedFactoryError
 from ..factory import ShardStore, plan, shard_keys
 from ..data import LabelledImages
@@ -35,7 +35,7 @@ class Removal:
     client: str
     reason: str
     before: dict          # the run's results
-    cfg: dict             # the run's config
+    cfg: Config             # the run's config
     registry: dict        # the run's modules
     orphans: list[int]    # classes that only the client covered
 
@@ -53,7 +53,7 @@ def check_removal(run_dir: Path, client: str, out: Path, reason: str, orphaned: 
     """Everything that could stop the unlearning, checked before anything is written."""
     before = load_results(run_dir)
     cfg = load_config(run_dir / "config.toml")
-    if cfg["classifier"]["mode"] == "local":
+    if cfg.classifier.mode == "local":
         raise FedFactoryError("a local-mode run cannot be rebuilt at the server: every remaining site must retrain "
                               "its expert without the forgotten module (fedfactory site expert), then run "
                               "fedfactory server build with the remaining modules and experts")
@@ -81,17 +81,16 @@ def run_test_set(r: Removal) -> tuple[str, LabelledImages]:
     source = NO_TEST_SET if by_sites else before.get("test", {}).get("source", "")
     test = test_set_for(cfg, source)
     if not by_sites and before.get("test", {}).get("sha256") not in (None, images_digest(test)):
-        raise FedFactoryError(f"the test set at {source or cfg['data']['name']} changed since the run was built")
+        raise FedFactoryError(f"the test set at {source or cfg.data.name} changed since the run was built")
     return source, test
 
 
 def start_rebuild(r: Removal) -> list[GenerativeModule]:
     """The new run folder: the remaining modules, unchanged, their registry, the audit trail with the
     removal, and the config without the client; returns the remaining modules."""
+    r.cfg = r.cfg.replace({"partition.exclude": sorted(set(r.cfg.partition.exclude) | {r.client}),
+                           **({"factory.missing_classes": "drop"} if r.orphans else {})})
     cfg, out, entry = r.cfg, r.out, r.registry["modules"][r.client]
-    cfg["partition"]["exclude"] = sorted(set(cfg["partition"]["exclude"]) | {r.client})
-    if r.orphans:
-        cfg["factory"]["missing_classes"] = "drop"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(r.run_dir / "audit.jsonl", out / "audit.jsonl")
     for e in r.keep.values():
@@ -100,16 +99,16 @@ def start_rebuild(r: Removal) -> list[GenerativeModule]:
     append_audit(out, "remove", client=r.client, sha256=entry["sha256"], reason=r.reason, orphaned_classes=r.orphans,
                  source_run=str(r.run_dir))
     atomic_write_text(out / "config.toml", dumps(cfg))
-    return [load_module(out / e["path"], cfg["runtime"]["device"], cfg["runtime"]["bf16"]) for e in r.keep.values()]
+    return [load_module(out / e["path"], cfg.runtime.device, cfg.runtime.bf16) for e in r.keep.values()]
 
 
 def adopt_shards(r: Removal, modules: list[GenerativeModule], num_classes: int) -> None:
     """The kept modules' synthetic draws that the new plan asks for, copied as they are: never the client's own."""
     store = shard_store(r.cfg, r.out)
     if store is not None:
-        f = r.cfg["factory"]
-        draws, _ = plan(modules, num_classes, f["per_class"], f["aggregation"], f["max_share"])
-        store.adopt(ShardStore(r.run_dir / "synthetic"), shard_keys(modules, draws, r.cfg["seed"]).values())
+        f = r.cfg.factory
+        draws, _ = plan(modules, num_classes, f.per_class, f.aggregation, f.max_share)
+        store.adopt(ShardStore(r.run_dir / "synthetic"), shard_keys(modules, draws, r.cfg.seed).values())
 
 
 def report_section(r: Removal, results: dict) -> str:

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 
 from ...classify import classifier_to_bytes
 from ...classify.model import FederatedClassifier
-from ...config import load_config_text
+from ...config import Config, load_config_text
 from ...data.partition import client_id
 from ...errors import FedFactoryError
 from ...modules import load_module
@@ -57,18 +57,18 @@ def site_id(node: dict) -> str:
     return client_id(int(node["partition-id"]))
 
 
-def this_site(cfg: dict, node: dict):
+def this_site(cfg: Config, node: dict):
     """(client id, images, labels, number of classes, augmentation policy) of this SuperNode's site."""
     cid = site_id(node)
     if "data" in node:
         images, labels = load_site_data(cfg, str(node["data"]))
         return cid, images, labels, len(federation_classes(cfg)), "natural"
     if "data-root" in node:
-        cfg["data"]["root"] = str(node["data-root"])
-    if ("num-partitions" in node and cfg["partition"]["scheme"] != "natural"
-            and int(node["num-partitions"]) != cfg["partition"]["clients"]):
+        cfg = cfg.replace({"data.root": str(node["data-root"])})
+    if ("num-partitions" in node and cfg.partition.scheme != "natural"
+            and int(node["num-partitions"]) != cfg.partition.clients):
         raise FedFactoryError(f"this SuperNode expects {node['num-partitions']} partitions, "
-                              f"the run config has partition.clients = {cfg['partition']['clients']}")
+                              f"the run config has partition.clients = {cfg.partition.clients}")
     ds, part = prepare_data(cfg)
     if cid not in part.indices:
         raise FedFactoryError(f"{cid} is not a client of this federation ({part.clients})")
@@ -78,8 +78,7 @@ def this_site(cfg: dict, node: dict):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     text, phase = read_config(msg.content)
-    request = load_config_text(text)
-    request["runtime"]["progress"] = False
+    request = load_config_text(text, ["runtime.progress=false"])
     node = context.node_config
     policy = load_policy(str(node["policy"])) if "policy" in node else None
     keep_dir = (policy.keep_dir if policy else "") or str(node.get("keep-dir", ""))
@@ -94,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     cid, images, labels, num_classes, augment = this_site(request, node)
     if phase == "module" and cid in read_have(msg.content):  # a resumed run: the server verified it already
         return Message(have_content(cid), reply_to=msg)
-    n_train = len(holdout_split(labels, request["privacy"]["holdout"], request["seed"], cid)[0])
+    n_train = len(holdout_split(labels, request.privacy.holdout, request.seed, cid)[0])
     cfg = accept(policy, request, cid, phase, keep or "", n_train)  # refused here: nothing leaves the site
     setup_runtime(cfg)
 
@@ -116,26 +115,26 @@ def train(msg: Message, context: Context) -> Message:
     # phase "expert": the other sites' modules, checked like any module file against the federation's
     # caps and this site's image shape, then the local expert. Their folders are named by position:
     # a name from a peer is never a path.
-    limits = Limits.from_config(cfg["federation"], images.shape[1:], num_classes)
+    limits = Limits.from_config(cfg.federation, images.shape[1:], num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         others = []
         for i, (blob, manifest) in enumerate(read_modules(msg.content)):
             write_module_dir(Path(tmp) / f"module-{i}", blob, manifest)
-            others.append(load_module(Path(tmp) / f"module-{i}", cfg["runtime"]["device"], cfg["runtime"]["bf16"],
+            others.append(load_module(Path(tmp) / f"module-{i}", cfg.runtime.device, cfg.runtime.bf16,
                                       limits=limits))
     synth = synthesize_for_site(cfg, others, num_classes)
     net, _ = train_expert(cfg, cid, images, labels, num_classes, synth, augment)
     return Message(weights_content(classifier_to_bytes(net, cid)), reply_to=msg)
 
 
-def evaluate(msg: Message, cfg: dict, node: dict, cid: str, keep: Path | None):
+def evaluate(msg: Message, cfg: Config, node: dict, cid: str, keep: Path | None):
     """The federation's classifier comes home: the site keeps it and, with test images of its own,
     replies with counts on them (no image, no per-image score)."""
     blob = read_model_blob(msg.content)
     model = FederatedClassifier.from_bytes(blob, "the coordinator's classifier")
     answer = None
     if "test" in node:
-        answer = evaluate_at_site(model, *load_site_test(model, str(node["test"])), cid, cfg["runtime"])
+        answer = evaluate_at_site(model, *load_site_test(model, str(node["test"])), cid, cfg.runtime)
     if keep:
         atomic_write_bytes(keep / f"{cid}-result" / "model.safetensors", blob)
         if answer:

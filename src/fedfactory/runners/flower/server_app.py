@@ -21,7 +21,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from ...classify import classifier_from_bytes
-from ...config import dumps, load_config
+from ...config import Config, dumps, load_config
 from ...errors import FedFactoryError
 from ...modules import load_module
 from ...modules.fileformat import check_client_id, is_module_dir, write_module_dir
@@ -50,7 +50,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
 
 # many parameters because the round's checks are separate inputs: who a node may be (assigned), what the run
 # already holds (kept), what is accepted (limits, agreement); the tests drive each alone
-def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout: float, limits: Limits,
+def collect_modules(grid: Grid, nodes: list[int], cfg: Config, out: Path, timeout: float, limits: Limits,
                     assigned: dict[int, str] | None = None, kept: dict | None = None, agreement=None):
     """One round: a train message to every node; verified modules in, failures by node id.
 
@@ -60,7 +60,7 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
     has claimed. A reply is written to a staging folder named by node id, verified there against
     `limits` (and the consortium's `agreement`, the roster), and only then moved into the run. `kept`: client id -> module this run already holds
     (resume); their sites answer without training."""
-    modules, owners, failures, roster, kept = [], {}, {}, cfg["federation"]["clients"], kept or {}
+    modules, owners, failures, roster, kept = [], {}, {}, cfg.federation.clients, kept or {}
 
     def admit(nid: int, cid) -> str:
         """The client id a node may hold, or a rejection naming why."""
@@ -91,7 +91,7 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
             if (out / "modules" / cid).exists():
                 raise FedFactoryError(f"client id {cid!r} was already uploaded")
             write_module_dir(staging, blob, manifest)
-            module = load_module(staging, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
+            module = load_module(staging, cfg.runtime.device, cfg.runtime.bf16, limits=limits)
             check_audit(cfg, module)
             check_agreement(agreement, module)
             (out / "modules").mkdir(exist_ok=True)
@@ -112,7 +112,7 @@ def collect_modules(grid: Grid, nodes: list[int], cfg: dict, out: Path, timeout:
     return modules, owners, {**failures, **silent}
 
 
-def kept_modules(cfg: dict, out: Path, limits: Limits) -> dict:
+def kept_modules(cfg: Config, out: Path, limits: Limits) -> dict:
     """A resumed run's modules that still verify (hash against the registry, file and limits checks).
     One that does not is removed, so that its site uploads it again."""
     kept = {}
@@ -121,7 +121,7 @@ def kept_modules(cfg: dict, out: Path, limits: Limits) -> dict:
     for cid, entry in read_registry(out)["modules"].items():
         folder = out / "modules" / check_client_id(cid)
         try:
-            m = load_module(folder, cfg["runtime"]["device"], cfg["runtime"]["bf16"], limits=limits)
+            m = load_module(folder, cfg.runtime.device, cfg.runtime.bf16, limits=limits)
             if m.saved_manifest["weights_sha256"] != entry["sha256"] or m.client_id != cid:
                 raise FedFactoryError("it does not match the registry")
             kept[cid] = m
@@ -159,7 +159,7 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float, on_reply=None
     return ok, failures
 
 
-def collect_experts(grid: Grid, modules, owners: dict, cfg: dict, num_classes: int, out: Path, timeout: float):
+def collect_experts(grid: Grid, modules, owners: dict, cfg: Config, num_classes: int, out: Path, timeout: float):
     """Local mode: each site gets the OTHER sites' modules (still the one exchange of modules)
     and replies with its expert classifier."""
     blobs = {m.client_id: ((out / "modules" / m.client_id / "module.safetensors").read_bytes(), m.saved_manifest)
@@ -174,14 +174,14 @@ def collect_experts(grid: Grid, modules, owners: dict, cfg: dict, num_classes: i
             continue
         try:
             net, _ = classifier_from_bytes(read_weights_blob(replies[nid].content), channels, num_classes,
-                                           cfg["classifier"])
+                                           cfg.classifier)
             experts[cid] = (net, {"trained_at": "site", "node": nid})
         except FedFactoryError as e:
             failures[nid] = f"classifier rejected: {e}"
     return experts, failures
 
 
-def collect_evaluations(grid: Grid, owners: dict, cfg: dict, out: Path, timeout: float) -> tuple[dict, dict]:
+def collect_evaluations(grid: Grid, owners: dict, cfg: Config, out: Path, timeout: float) -> tuple[dict, dict]:
     """The classifier goes home to every site; a site with test images of its own answers with counts.
     Returns the answers by client id (each named by the server's idea of the node, not its own) and failures."""
     blob, text = (out / MODEL).read_bytes(), dumps(cfg)
@@ -201,7 +201,7 @@ def collect_evaluations(grid: Grid, owners: dict, cfg: dict, out: Path, timeout:
     return answers, failures
 
 
-def send_results(grid: Grid, owners: dict, cfg: dict, out: Path, results: dict, timeout: float) -> dict:
+def send_results(grid: Grid, owners: dict, cfg: Config, out: Path, results: dict, timeout: float) -> dict:
     """The report and the metrics go home to every site, beside its classifier."""
     report = (out / "report.md").read_text()
     messages = [Message(result_content(dumps(cfg), report, results["metrics"] or {}), dst_node_id=nid,
@@ -214,10 +214,10 @@ def _report(failures: dict) -> None:
         print(f"fedfactory: node {nid}: {why}", flush=True)
 
 
-def _check(failures: dict, num_nodes: int, cfg: dict) -> None:
+def _check(failures: dict, num_nodes: int, cfg: Config) -> None:
     """Report failures by node id; fail the run unless the config lets it go on without them."""
     _report(failures)
-    if failures and cfg["federation"]["on_node_failure"] == "fail":
+    if failures and cfg.federation.on_node_failure == "fail":
         raise FedFactoryError(f"{len(failures)} of {num_nodes} nodes failed ("
                               + "; ".join(f"node {n}: {w}" for n, w in failures.items())
                               + '); set federation.on_node_failure="continue" to go on without them')
@@ -279,7 +279,7 @@ def serve(grid: Grid, rc: dict) -> None:
     if not modules:
         raise FedFactoryError("no module was received")
     experts = None
-    if cfg["classifier"]["mode"] == "local":
+    if cfg.classifier.mode == "local":
         t = time.perf_counter()
         experts, failures = collect_experts(grid, modules, owners, cfg, test.num_classes, out,
                                             float(rc["train-timeout"]))
