@@ -32,3 +32,29 @@ def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, 
     stamp = (tmp_path / "cmp/fedavg/seed-1/results.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (tmp_path / "cmp/fedavg/seed-1/results.json").stat().st_mtime_ns == stamp
+
+
+def test_the_centralized_bound_trains_with_the_real_data_recipe(digits_npz, monkeypatch):
+    """`centralized` drops the blur meant for synthetic images and takes its own budget; the
+    same-recipe column keeps the factory's classifier section as it is."""
+    from fedfactory import baselines
+    from fedfactory.config import load_config
+    from fedfactory.runners.common import prepare_data
+
+    cfg = load_config(None, [*toy_overrides(digits_npz), "classifier.blur=1.5", "classifier.budget_images=256",
+                             "baselines.central_budget=384"])
+    ds, part = prepare_data(cfg)
+    seen = {}
+    real_training = baselines.train_classifier
+
+    def recording(images, labels, num_classes, recipe, seed, name, **kw):
+        seen[name] = recipe
+        return real_training(images, labels, num_classes, recipe, seed, name, **kw)
+
+    monkeypatch.setattr(baselines, "train_classifier", recording)
+    for method in ("centralized", "centralized-same-recipe"):
+        log_proba, info = baselines.run_baseline(method, cfg, ds, part)
+        assert log_proba.shape == (len(ds.y_test), ds.num_classes)
+    assert (seen["centralized"].blur, seen["centralized"].budget_images) == (0.0, 384)
+    assert seen["centralized-same-recipe"] == cfg.classifier
+    assert info["classifier"]["images_seen"] == 256

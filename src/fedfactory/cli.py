@@ -310,7 +310,8 @@ def _add_pipeline_commands(sub) -> None:
     s = sub.add_parser("compare", help="the factory against centralized, local-only and weight-averaging baselines")
     s.add_argument("config")
     s.add_argument("--methods", default="factory,centralized,local-only,fedavg,fedprox,scaffold,feddyn",
-                   help="comma-separated: factory, centralized, local-only, fedavg, fedprox, scaffold, feddyn")
+                   help="comma-separated: factory, centralized, centralized-same-recipe, local-only, fedavg, "
+                        "fedprox, scaffold, feddyn")
     s.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 1,2,3")
     _set_option(s)
     s.add_argument("--out", required=True, help="the comparison folder")

@@ -156,6 +156,9 @@ class BaselinesConfig:
     mu: float = key(0.01, "FedProx proximal weight")
     alpha: float = key(0.01, "FedDyn regulariser")
     eval_every: int = key(1, "rounds between test evaluations (the learning curve)", positive=True)
+    central_blur: float = key(0.0, "centralized: the blur of its recipe (classifier.blur is against synthetic "
+                                   "artifacts; real images train best without)", low=0.0)
+    central_budget: int = key(0, "centralized: training images seen (0 = classifier.budget_images)", low=0)
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,22 @@
 """Baselines on exactly the factory's partition, classifier and test set.
 
-    centralized   the classifier on the pooled real training data (the upper bound)
+    centralized   the classifier on the pooled real training data, with the recipe best on real
+                  data (the upper bound): classifier.blur, a lever against synthetic artifacts, is
+                  replaced by baselines.central_blur (0), at baselines.central_budget images
+    centralized-same-recipe   the same, with the factory's classifier recipe and budget unchanged
     local-only    each client's classifier on its own data: alone, and as a Product of Experts
     fedavg, fedprox, scaffold, feddyn   multi-round weight averaging (averaging.py)
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config
+from ..config import ClassifierConfig, Config
 from ..classify import build_classifier, predict_log_proba, product_of_experts, train_classifier
 from ..classify.augment import augment
 from ..classify.train import cross_entropy
@@ -21,7 +26,14 @@ from ..tensors import resolve_device, to_float, use_bf16
 from ..utils import derive_seed
 from .averaging import ALGORITHMS, FLClient, make_strategy, state_bytes
 
-METHODS = ("centralized", "local-only", *ALGORITHMS)
+METHODS = ("centralized", "centralized-same-recipe", "local-only", *ALGORITHMS)
+
+
+def central_recipe(cfg: Config) -> ClassifierConfig:
+    """The centralized bound's classifier: the run's network, with the blur and budget of [baselines]."""
+    b = cfg.baselines
+    return dataclasses.replace(cfg.classifier, blur=b.central_blur,
+                               budget_images=b.central_budget or cfg.classifier.budget_images)
 
 
 def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tuple[np.ndarray, dict]:
@@ -31,9 +43,10 @@ def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tupl
     bf16 = use_bf16(device, cfg.runtime.bf16)
     policy = ds.augment if c.augment == "auto" else c.augment
     kw = dict(augment_policy=policy, device=device, bf16=bf16, progress=progress)
-    if method == "centralized":
+    if method in ("centralized", "centralized-same-recipe"):
         idx = np.sort(np.concatenate(list(part.indices.values())))
-        net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, c, seed, "centralized", **kw)
+        recipe = central_recipe(cfg) if method == "centralized" else c
+        net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, recipe, seed, method, **kw)
         return predict_log_proba(net, ds.x_test, device, bf16), {"rounds": 0, "uploaded_bytes": 0, "downloaded_bytes": 0,
                                                                   "classifier": stats}
     if method == "local-only":
