@@ -169,5 +169,6 @@ def test_a_config_is_frozen_and_replace_validates():
     assert cfg.replace({"classifier.lr": 0.1, "seed": 4}).classifier.lr == 0.1 and cfg.classifier.lr == 0.05
     with pytest.raises(FedFactoryError, match="'factory.max_share' must be in"):
         cfg.replace({"factory.max_share": 2.0})
-    with pytest.raises(FedFactoryError, match="unknown config key 'classifier.lrr'"):
-        cfg.replace({"classifier.lrr": 0.1})
+    for wrong, named in (("classifier.lrr", "classifier.lrr"), ("clasifier.lr", "clasifier"), ("seed.x", "seed.x")):
+        with pytest.raises(FedFactoryError, match=f"unknown config key '{named}'"):
+            cfg.replace({wrong: 0.1})

@@ -198,7 +198,9 @@ class Config:
         for dotted, value in values.items():
             node, (*sections, leaf) = data, dotted.split(".")
             for s in sections:
-                node = node.get(s) if isinstance(node.get(s), dict) else {}
+                if not isinstance(node.setdefault(s, {}), dict):
+                    raise _unknown(dotted)
+                node = node[s]
             node[leaf] = value
         return from_dict(data)
 
@@ -339,11 +341,7 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
 
 def get(cfg: Config, dotted: str, default=None):
     """A key's value by its dotted name (a module key the config leaves out: `default`)."""
-    return get_path(cfg.to_dict(), dotted, default)
-
-
-def get_path(data: dict, dotted: str, default=None):
-    node = data
+    node = cfg.to_dict()
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             return default
