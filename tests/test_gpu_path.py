@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fedfactory.classify.train import cross_entropy, train_classifier
-from fedfactory.config import load_config
+from fedfactory.config import ClassifierConfig, load_config
 from fedfactory.runtime import cuda_determinism
 from helpers import ROOT, benchmark_script
 
@@ -66,8 +66,8 @@ def test_cross_entropy_matches_torchs_values_and_gradients():
 
 def test_classifier_training_reads_no_value_back_per_step(device_reads):
     rng = np.random.default_rng(0)
-    cfg = {"preset": "cpu", "width": 8, "budget_images": 16 * 30, "batch_size": 16, "optimizer": "sgd", "lr": 0.05,
-           "weight_decay": 5e-4, "blur": 0.0}
+    cfg = ClassifierConfig(preset="cpu", width=8, budget_images=16 * 30, batch_size=16, optimizer="sgd", lr=0.05,
+                           weight_decay=5e-4, blur=0.0)
     train_classifier(rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), np.arange(40) % 3, 3, cfg, 0, "t",
                      progress=False)
     assert len(device_reads) <= 1
@@ -75,6 +75,6 @@ def test_classifier_training_reads_no_value_back_per_step(device_reads):
 
 def test_no_shipped_config_reaches_the_internet_and_each_points_to_the_protocol():
     for f in sorted((ROOT / "configs").glob("*-gpu.toml")):
-        assert load_config(f)["data"]["download"] is False, f.name
+        assert load_config(f).data.download is False, f.name
         assert "docs/PROTOCOL.md" in f.read_text(), f.name
     assert (ROOT / "docs" / "PROTOCOL.md").exists()

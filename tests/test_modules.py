@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedfactory.errors import FedFactoryError
+from fedfactory import tensors
 from fedfactory.modules import base
 from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.modules.diffusion import DiffusionModule, edm_loss, heun_sampler
@@ -67,8 +68,8 @@ def test_sampling_several_chunks_per_call_keeps_each_chunks_noise(trained, monke
 
 def test_batch_indices_drawn_in_blocks_are_the_per_step_draws():
     a, b = np.random.default_rng(7), np.random.default_rng(7)
-    blocks = list(base.index_blocks(a, 1000, 16, base.INDEX_BLOCK + 3, torch.device("cpu")))
-    assert len(blocks) == base.INDEX_BLOCK + 3
+    blocks = list(tensors.index_blocks(a, 1000, 16, tensors.INDEX_BLOCK + 3, torch.device("cpu")))
+    assert len(blocks) == tensors.INDEX_BLOCK + 3
     assert all(np.array_equal(blk.numpy(), b.integers(0, 1000, 16)) for blk in blocks)
 
 
