@@ -264,6 +264,7 @@ def _section(name: str, values: dict):
     if not isinstance(values, dict):
         raise FedFactoryError(f"config key {name!r} is a section; give it as [{name}]")
     fields, kw, extra = fields_of(name), {}, {}
+    kind_keys = config_keys() if name == "module" else {}
     for k, v in values.items():
         dotted = f"{name}.{k}"
         if isinstance(v, dict):
@@ -273,8 +274,8 @@ def _section(name: str, values: dict):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kw[k] = _coerce(dotted, v, default)
             _check_bounds(dotted, kw[k], f.metadata)
-        elif name == "module" and k in config_keys():
-            extra[k] = _coerce(dotted, v, config_keys()[k])
+        elif k in kind_keys:
+            extra[k] = _coerce(dotted, v, kind_keys[k])
         else:
             raise _unknown(dotted)
     return SECTIONS[name](**kw, overrides=extra) if name == "module" else SECTIONS[name](**kw)
@@ -339,9 +340,10 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
     return from_dict(apply_overrides(data, overrides))
 
 
-def get(cfg: Config, dotted: str, default=None):
-    """A key's value by its dotted name (a module key the config leaves out: `default`)."""
-    node = cfg.to_dict()
+def get(cfg: Config | dict, dotted: str, default=None):
+    """A key's value by its dotted name, in a Config or its `to_dict()` (a module key the config leaves
+    out: `default`)."""
+    node = cfg.to_dict() if isinstance(cfg, Config) else cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             return default

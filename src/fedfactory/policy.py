@@ -105,11 +105,11 @@ class SitePolicy:
             self._check_budget(cfg, training_images, dp)
 
     def _check_keys(self, cfg: Config) -> None:
-        defaults = Config()
+        values, defaults = cfg.to_dict(), Config().to_dict()
         for key in all_keys():
             if key.startswith("runtime."):
                 continue  # the site's own machine: [runtime] decides, never a refusal
-            value = get(cfg, key)  # a module key left out: None, the preset's value
+            value = get(values, key)  # a module key left out: None, the preset's value
             if value is not None and value != get(defaults, key) and not any(fnmatch.fnmatchcase(key, p) for p in self.may_set):
                 raise PolicyRefusal(f"site policy refuses {key} = {json.dumps(value)[:60]}: the coordinator may set "
                                     f"only {', '.join(self.may_set) or 'nothing'} (may_set)")
