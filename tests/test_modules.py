@@ -154,6 +154,21 @@ def test_wrong_shape_in_manifest_is_refused(trained, tmp_path):
         load_module(path2)
 
 
+@pytest.mark.parametrize("patch", [1, 2, 3])
+def test_a_patch_stem_keeps_any_image_size_and_travels_in_the_manifest(tmp_path, patch):
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 256, (24, 13, 11, 3), dtype=np.uint8), np.arange(24) % 2
+    m = DiffusionModule({**TINY_ARCH, "patch": patch}, TINY_TRAIN, progress=False).fit(x, y)
+    assert m.net.conv_in.in_channels == 3 * patch**2  # the stem sees patch x patch pixels as one position
+    m.save(tmp_path / "m")
+    loaded = load_module(tmp_path / "m")
+    assert loaded.arch["patch"] == patch and np.array_equal(loaded.sample(1, 3, seed=0), m.sample(1, 3, seed=0))
+    assert m.sample(0, 3, seed=0).shape == (3, 13, 11, 3)
+    _edit_manifest(tmp_path / "m", lambda mf: mf["arch"].update(patch=9))
+    with pytest.raises(ModuleFileError, match="patch"):
+        load_module(tmp_path / "m")
+
+
 def test_unknown_format_version_and_kind_are_refused(trained, tmp_path):
     path = _copy(trained[1], tmp_path / "m")
     _edit_manifest(path, lambda m: m.update(format_version=99))

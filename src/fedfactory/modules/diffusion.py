@@ -87,7 +87,7 @@ class DiffusionModule(GenerativeModule):
     kind = "diffusion"
     sampling_keys = ("sample_steps", "sampler", "sigma_min", "guidance")
     samplers = tuple(SAMPLERS)
-    key_rules = {**GenerativeModule.key_rules, "channels": "positive", "num_blocks": "positive",
+    key_rules = {**GenerativeModule.key_rules, "channels": "positive", "num_blocks": "positive", "patch": "positive",
                  "sample_steps": "positive", "guidance": "positive", "p_std": "positive",
                  "sigma_min": "non-negative", "dropout": "non-negative", "label_dropout": "non-negative"}
     per_example_loss_info = {"mia_sigmas": list(MIA_SIGMAS)}
@@ -95,7 +95,7 @@ class DiffusionModule(GenerativeModule):
         # ~0.9M parameters at 28 px; 2 CPU cores train two modules at 126-304 img/s each, by processor.
         # 32 base channels train 2.6x slower for no accuracy (Br35H, benchmarks/README.md).
         "cpu": {"arch": {"channels": 16, "channel_mult": [1, 2, 4], "num_blocks": 2, "attn_resolutions": [],
-                         "dropout": 0.0},
+                         "dropout": 0.0, "patch": 1},
                 "train": {"budget_images": 36_000, "batch_size": 64, "lr": 2e-3, "ema_halflife_images": 10_000,
                           "warmup_images": 5_000, "label_dropout": 0.0, "hflip": False, "p_mean": -1.2, "p_std": 1.2,
                           # Stopping at sigma 0.2 (the last step returns D(x; 0.2)) drops the spurious fine
@@ -109,14 +109,14 @@ class DiffusionModule(GenerativeModule):
         # for about 30 s per module on one H100 (10 modules, synthesis and a ResNet-18 in ~10 minutes);
         # benchmarks/gpu_check.py measures it (docs/PROTOCOL.md).
         "gpu": {"arch": {"channels": 64, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [8],
-                         "dropout": 0.0},
+                         "dropout": 0.0, "patch": 1},
                 "train": {"budget_images": 400_000, "batch_size": 256, "lr": 2e-3, "ema_halflife_images": 50_000,
                           "warmup_images": 20_000, "label_dropout": 0.0, "hflip": False, "p_mean": -1.2, "p_std": 1.2,
                           "sample_steps": 18, "sigma_min": SIGMA_MIN, "guidance": 1.0, "sampler": "heun"}},
         # The paper's scale (~37M parameters at 32 px): 128 channels, 4 levels, attention at 16 and 8 px,
         # 25M images per module, 50 Heun steps (99 network calls per image). Hours per data set.
         "paper": {"arch": {"channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attn_resolutions": [16, 8],
-                           "dropout": 0.1},
+                           "dropout": 0.1, "patch": 1},
                   "train": {"budget_images": 25_000_000, "batch_size": 512, "lr": 1e-3, "ema_halflife_images": 500_000,
                             "warmup_images": 1_000_000, "label_dropout": 0.0, "hflip": False, "p_mean": -1.2, "p_std": 1.2,
                             "sample_steps": 50, "sigma_min": SIGMA_MIN, "guidance": 1.0, "sampler": "heun"}},
@@ -128,7 +128,8 @@ class DiffusionModule(GenerativeModule):
                 "num_blocks": lambda v: is_int(v) and 1 <= v <= lim.max_blocks,
                 "channel_mult": lambda v: ints(v, 1, 16, lim.max_levels, 1),
                 "attn_resolutions": lambda v: ints(v, 1, lim.max_resolution, 8),
-                "dropout": lambda v: is_number(v) and 0 <= v < 1}
+                "dropout": lambda v: is_number(v) and 0 <= v < 1,
+                "patch": lambda v: is_int(v) and 1 <= v <= 8}
 
     @classmethod
     def training_rules(cls, lim):
