@@ -7,8 +7,10 @@ runtime.site_split chooses for training several sites at once), every process tr
 module on one Fashion-MNIST class with fedfactory's fit, then the same U-Net with a bare torch loop (same
 optimizer, EDM loss, bf16 autocast and batch; no EMA, no progress, no device reads), then samples from its
 module; the processes run each phase at the same time. It reports images/s and the GFLOP/s they mean
-(convolutions and matmuls, counted by torch's FlopCounterMode), and prints a Markdown table for
-benchmarks/README.md. `--images 128 --sample 4 --splits single` is a quick check.
+(convolutions and matmuls, counted by torch's FlopCounterMode), and, as the ceiling they are held to, the
+rate of a 1024^3 bf16 matrix multiply on the same threads at the same time. It prints a Markdown table for
+benchmarks/README.md. `--images 128 --sample 4 --splits single` is a quick check; `--module patch=1
+--module channels=16 --module 'channel_mult=[1, 2, 4]'` measures another network shape.
 """
 
 from __future__ import annotations
@@ -61,14 +63,25 @@ def processor() -> dict:
             "bf16": use_bf16(torch.device("cpu"))}
 
 
-def new_module(images: int, cls: int) -> DiffusionModule:
-    return DiffusionModule(train={"budget_images": images}, client_id=f"class-{cls}", seed=0, device="cpu",
+def new_module(images: int, cls: int, arch: dict) -> DiffusionModule:
+    return DiffusionModule(arch, {"budget_images": images}, client_id=f"class-{cls}", seed=0, device="cpu",
                            progress=False)
 
 
-def flops() -> dict:
+def matmul_rate(n: int = 1024, repeats: int = 20) -> float:
+    """GFLOP/s of an n^3 bf16 matrix multiply: what this core's matrix units give a large, dense problem."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def flops(arch: dict) -> dict:
     """FLOPs per training image (one forward and backward of a batch) and per image per sampling call."""
-    m = new_module(BATCH, 0)
+    m = new_module(BATCH, 0, arch)
     m.classes, m.image_shape = [0], SHAPE
     net = m.build_network()
     x, y = torch.rand(BATCH, 1, 28, 28) * 2 - 1, torch.zeros(BATCH, dtype=torch.long)
@@ -104,14 +117,16 @@ def bare_loop(m: DiffusionModule, x: torch.Tensor, steps: int) -> float:
     return steps * BATCH / (time.perf_counter() - t)
 
 
-def worker(cls: int, threads: int, x: np.ndarray, images: int, n: int, barrier, out) -> None:
-    """One process: fit, bare loop, sampling; the barrier starts each phase in every process at once."""
+def worker(cls: int, threads: int, x: np.ndarray, images: int, n: int, arch: dict, barrier, out) -> None:
+    """One process: matmul, fit, bare loop, sampling; the barrier starts each phase in every process at once."""
     torch.set_num_threads(threads)
     y = np.full(len(x), cls)
-    new_module(BATCH, cls).fit(x, y)  # warm-up: a one-step fit
+    new_module(BATCH, cls, arch).fit(x, y)  # warm-up: a one-step fit
     barrier.wait()
-    m = new_module(images, cls).fit(x, y)
-    row = {"class": cls, "fit": m.stats["train_images_per_s"]}
+    row = {"class": cls, "matmul_GFLOP_s": matmul_rate()}
+    barrier.wait()
+    m = new_module(images, cls, arch).fit(x, y)
+    row["fit"] = m.stats["train_images_per_s"]
     barrier.wait()
     row["bare"] = bare_loop(m, to_float(x), math.ceil(images / BATCH))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=m.bf16):  # warm-up: one call
@@ -123,15 +138,15 @@ def worker(cls: int, threads: int, x: np.ndarray, images: int, n: int, barrier, 
     out.put(row)
 
 
-def run_split(processes: int, threads: int, ds, images: int, n: int) -> list[dict]:
+def run_split(processes: int, threads: int, ds, images: int, n: int, arch: dict) -> list[dict]:
     xs = [ds.x_train[ds.y_train == c % 10] for c in range(processes)]  # process i trains class i
     if processes == 1:  # here, with all threads: no start-up to wait for
         out = queue.Queue()
-        worker(0, threads, xs[0], images, n, threading.Barrier(1), out)
+        worker(0, threads, xs[0], images, n, arch, threading.Barrier(1), out)
         return [out.get()]
     ctx = multiprocessing.get_context("spawn")  # as the runners start sites
     barrier, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(c, threads, xs[c], images, n, barrier, out), daemon=True)
+    procs = [ctx.Process(target=worker, args=(c, threads, xs[c], images, n, arch, barrier, out), daemon=True)
              for c in range(processes)]
     for p in procs:
         p.start()
@@ -154,9 +169,11 @@ def run_split(processes: int, threads: int, ds, images: int, n: int) -> list[dic
 def summarize(rows: list[dict], fl: dict, n: int) -> tuple[dict, dict]:
     """Per-process and total images/s (the processes ran at once, so their rates add) and GFLOP/s."""
     fit, bare = sum(r["fit"] for r in rows), sum(r["bare"] for r in rows)
+    matmul = sum(r["matmul_GFLOP_s"] for r in rows)
     train = {"fit_images_per_s": round(fit, 1), "bare_images_per_s": round(bare, 1),
              "fit_GFLOP_s": round(fit * fl["train_GFLOP_per_image"], 2),
              "bare_GFLOP_s": round(bare * fl["train_GFLOP_per_image"], 2), "fit_share_of_bare": round(fit / bare, 3),
+             "matmul_GFLOP_s": round(matmul, 1), "fit_share_of_matmul": round(fit * fl["train_GFLOP_per_image"] / matmul, 3),
              "per_process": [{"class": r["class"], "fit": round(r["fit"], 1), "bare": round(r["bare"], 1)} for r in rows]}
     sample = sum(r["sample"] for r in rows)
     samp = {"images_per_s": round(sample, 2), "images_made": math.ceil(n / SAMPLE_CHUNK) * SAMPLE_CHUNK,
@@ -170,20 +187,27 @@ def each(values: list[float], digits: int = 0) -> str:
     return f" ({' + '.join(f'{v:.{digits}f}' for v in values)})" if len(values) > 1 else ""
 
 
+def arch_note(arch: dict) -> str:
+    return f" with {', '.join(f'{k} = {v}' for k, v in arch.items())}" if arch else ""
+
+
 def table_md(res: dict) -> str:
     p, fl = res["processor"], res["flops"]
     bf16 = [f for f in ("amx_bf16", "avx512_bf16") if p[f]]
     lines = [f"{p['model']} ({', '.join(bf16) or 'no bf16 units'}), {p['cpu_count']} cores, torch {p['torch']}, "
-             f"bf16 autocast {'on' if p['bf16'] else 'off'}. cpu-preset U-Net at 28 px, {fl['params_M']}M parameters: "
+             f"bf16 autocast {'on' if p['bf16'] else 'off'}. cpu-preset U-Net{arch_note(res['settings']['arch'])} "
+             f"at 28 px, {fl['params_M']}M parameters: "
              f"{fl['train_GFLOP_per_image']:.3f} GFLOP per training image, {fl['sample_calls_per_image']} calls x "
              f"{fl['forward_GFLOP_per_image']:.3f} GFLOP per sampled image.", "",
              "| split | processes x threads | fit images/s | bare loop images/s | fit / bare | fit GFLOP/s | bare GFLOP/s "
-             "| sampling images/s | sampling GFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| bf16 matmul GFLOP/s | fit / matmul | sampling images/s | sampling GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, t in res["training"].items():
         s = res["sampling"][key]
         lines.append(f"| {t['label']} | {key} | {t['fit_images_per_s']:.0f}{each([r['fit'] for r in t['per_process']])} "
                      f"| {t['bare_images_per_s']:.0f}{each([r['bare'] for r in t['per_process']])} | {t['fit_share_of_bare']:.2f} "
-                     f"| {t['fit_GFLOP_s']:.1f} | {t['bare_GFLOP_s']:.1f} | {s['images_per_s']:.1f}{each(s['per_process'], 1)} "
+                     f"| {t['fit_GFLOP_s']:.1f} | {t['bare_GFLOP_s']:.1f} | {t['matmul_GFLOP_s']:.0f} "
+                     f"| {t['fit_share_of_matmul']:.0%} | {s['images_per_s']:.1f}{each(s['per_process'], 1)} "
                      f"| {s['GFLOP_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -195,16 +219,21 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, default=200, help="images sampled per process (made, and counted, in whole chunks of 100)")
     ap.add_argument("--sites", type=int, default=10, help="sites the automatic split is chosen for")
     ap.add_argument("--splits", default="single,auto", help="comma-separated: single, auto or PxT (e.g. 2x1)")
+    ap.add_argument("--module", action="append", default=[], metavar="KEY=VALUE",
+                    help="an arch key of the U-Net in place of the cpu preset's, as in --set module.KEY=VALUE")
     args = ap.parse_args(argv)
-    cfg = load_config(None, ["runtime.device=cpu"])
+    cfg = load_config(None, ["runtime.device=cpu", *(f"module.{kv}" for kv in args.module)])
+    arch = dict(cfg.module.overrides)
+    if set(arch) - set(DiffusionModule.presets["cpu"]["arch"]):
+        ap.error(f"--module takes the U-Net's arch keys: {', '.join(DiffusionModule.presets['cpu']['arch'])}")
     named = {"single": (1, DEFAULT_THREADS), "auto": site_split(cfg, args.sites)}
     splits: dict[tuple[int, int], str] = {}
     for name in args.splits.split(","):
         pt = named[name] if name in named else tuple(int(v) for v in name.split("x"))
         splits[pt] = f"{splits[pt]}, {name}" if pt in splits else name  # auto may be the single split
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {"settings": {"images": args.images, "sample": args.sample, "sites": args.sites, "batch": BATCH},
-           "processor": processor(), "flops": flops(), "training": {}, "sampling": {}}
+    res = {"settings": {"images": args.images, "sample": args.sample, "sites": args.sites, "batch": BATCH, "arch": arch},
+           "processor": processor(), "flops": flops(arch), "training": {}, "sampling": {}}
 
     def save():
         (args.out / "throughput.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -213,7 +242,7 @@ def main(argv=None) -> int:
     ds = load_dataset("fashion-mnist")
     for (procs, threads), label in splits.items():
         print(f"-- {label}: {procs} process(es) x {threads} thread(s)", flush=True)
-        train, samp = summarize(run_split(procs, threads, ds, args.images, args.sample), res["flops"], args.sample)
+        train, samp = summarize(run_split(procs, threads, ds, args.images, args.sample, arch), res["flops"], args.sample)
         res["training"][f"{procs}x{threads}"] = {"label": label, **train}
         res["sampling"][f"{procs}x{threads}"] = {"label": label, **samp}
         save()
