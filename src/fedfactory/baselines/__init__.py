@@ -6,11 +6,20 @@
     centralized-same-recipe   the same, with the factory's classifier recipe and budget unchanged
     local-only    each client's classifier on its own data: alone, and as a Product of Experts
     fedavg, fedprox, scaffold, feddyn   multi-round weight averaging (averaging.py)
+    fedcvae-ens, fedcvae-kd   one-shot: per-site conditional VAE decoders, sampled or distilled (fedcvae.py)
+    dense, coboosting   one-shot, data-free: the sites' classifiers distilled through a server-trained
+                  generator (datafree.py)
+    fedov         one-shot: open-set site classifiers with an "unknown" class, voting (fedov.py)
+
+A one-shot peer is a module of this package with `run(method, cfg, ds, part, **kw)` returning
+(log-probabilities on the test set, info); info holds rounds, uploaded_bytes, downloaded_bytes and,
+optionally, "curves": rows {"series", "step", "loss"} for the run folder's curves.csv.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import numpy as np
 import torch
@@ -26,7 +35,9 @@ from ..tensors import resolve_device, to_float, use_bf16
 from ..utils import derive_seed
 from .averaging import ALGORITHMS, FLClient, make_strategy, state_bytes
 
-METHODS = ("centralized", "centralized-same-recipe", "local-only", *ALGORITHMS)
+ONE_SHOT = {"fedcvae-ens": "fedcvae", "fedcvae-kd": "fedcvae", "dense": "datafree", "coboosting": "datafree",
+            "fedov": "fedov"}  # method -> the module of this package that runs it
+METHODS = ("centralized", "centralized-same-recipe", "local-only", *ALGORITHMS, *ONE_SHOT)
 
 
 def central_recipe(cfg: Config) -> ClassifierConfig:
@@ -61,6 +72,8 @@ def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tupl
         return product_of_experts(experts), {"rounds": 1, "uploaded_bytes": size * len(experts), "downloaded_bytes": 0,
                                              "accuracy_alone": alone,
                                              "accuracy_alone_mean": float(np.mean(list(alone.values())))}
+    if method in ONE_SHOT:
+        return importlib.import_module(f".{ONE_SHOT[method]}", __name__).run(method, cfg, ds, part, **kw)
     if method in ALGORITHMS:
         return _weight_averaging(method, cfg, ds, part, device, bf16, policy)
     raise FedFactoryError(f"unknown method {method!r}; use factory or one of {', '.join(METHODS)}")
