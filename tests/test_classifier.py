@@ -71,3 +71,15 @@ def test_the_ema_averages_weights_and_batchnorm_statistics_and_ramps_up(data):
 def test_out_of_range_options_are_clear_errors(setting):
     with pytest.raises(FedFactoryError, match=setting.split("=")[0]):
         load_config("configs/fashion-silos.toml", [setting])
+
+
+def test_the_loss_curve_goes_down_on_an_easy_task():
+    # three classes that differ only in brightness: 40 steps, a point each, the loss falling
+    x = np.repeat(np.array([0, 128, 255], np.uint8), 30)[:, None, None, None] * np.ones((1, 12, 12, 1), np.uint8)
+    y = np.repeat(np.arange(3), 30)
+    recipe = dataclasses.replace(TINY_CLASSIFIER, budget_images=16 * 40)
+    _, stats = train_classifier(x, y, 3, recipe, 0, "t", "none", progress=False)
+    curve = stats["curve"]
+    assert [p["step"] for p in curve] == list(range(1, 41)) and curve[-1]["images_seen"] == 16 * 40
+    losses = np.array([p["loss"] for p in curve])
+    assert np.isfinite(losses).all() and losses[-5:].mean() < 0.5 * losses[:5].mean()

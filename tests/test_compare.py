@@ -1,8 +1,11 @@
 import json
+import math
 
 import pytest
 
 from fedfactory.cli import main
+from fedfactory.report import read_curves
+from fedfactory.runners.compare import _write_latex
 from helpers import toy_overrides
 
 pytestmark = pytest.mark.slow
@@ -28,6 +31,20 @@ def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, 
     assert [p["round"] for p in summary["methods"]["scaffold"]["learning_curve"]] == [1, 2]
     assert "learning_curve" not in summary["methods"]["factory"]
     assert (tmp_path / "cmp/learning_curves.png").stat().st_size > 0
+    # every method/seed folder has its training curves, with the series each method trains
+    expected = {"factory": {*(f"module/client-{i}" for i in range(4)), "classifier/server"},
+                "centralized": {"classifier/centralized"}, "local-only": {f"classifier/client-{i}" for i in range(4)},
+                **{m: {f"{m}/rounds"} for m in ("fedavg", "fedprox", "scaffold", "feddyn")}}
+    for name, series in expected.items():
+        curves = read_curves(tmp_path / f"cmp/{name}/seed-2/curves.csv")
+        assert {r["series"] for r in curves} == series, name
+        assert all(math.isfinite(r["loss"]) for r in curves), name
+    assert [r["step"] for r in read_curves(tmp_path / "cmp/fedavg/seed-1/curves.csv")] == [1, 2]
+    details = {m: json.loads((tmp_path / f"cmp/{m}/seed-1/results.json").read_text())["details"]
+               for m in ("local-only", "centralized")}
+    assert "curves" not in details["local-only"] and "curve" not in details["centralized"]["classifier"]
+    tex = (tmp_path / "cmp/comparison.tex").read_text()
+    assert tex.count(r" \\") == 1 + len(methods.split(",")) and "\\mathbf{" in tex and "\\bottomrule" in tex
     # finished pairs are skipped: a re-run touches no results file
     stamp = (tmp_path / "cmp/fedavg/seed-1/results.json").stat().st_mtime_ns
     assert main(args) == 0
@@ -58,3 +75,18 @@ def test_the_centralized_bound_trains_with_the_real_data_recipe(digits_npz, monk
     assert (seen["centralized"].blur, seen["centralized"].budget_images) == (0.0, 384)
     assert seen["centralized-same-recipe"] == cfg.classifier
     assert info["classifier"]["images_seen"] == 256
+
+
+def test_the_latex_table_has_a_row_per_method_and_the_best_mean_in_bold(tmp_path):
+    def method(acc, auroc):
+        m = {k: {"mean": acc, "std": 0.01, "runs": [acc]} for k in ("accuracy", "balanced_accuracy", "f1")}
+        return {**m, "auroc": {"mean": auroc, "std": 0.002, "runs": [auroc]}, "rounds": 1, "uploaded_bytes": 2_500_000,
+                "downloaded_bytes": 0, "wall_seconds": 61.7}
+
+    summary = {"config": {"data": {"name": "digits"}, "partition": {"scheme": "silos", "clients": 4}}, "seeds": [1, 2],
+               "methods": {"factory": method(0.81234, 0.95), "fed_avg & co": method(0.7, 0.97)}}
+    _write_latex(tmp_path, summary)
+    rows = [l for l in (tmp_path / "comparison.tex").read_text().splitlines() if l.endswith(r"\\")][1:]
+    assert rows[0] == (r"factory & $\mathbf{0.8123 \pm 0.0100}$ & $\mathbf{0.8123 \pm 0.0100}$ & $0.9500 \pm 0.0020$ & "
+                       r"$\mathbf{0.8123 \pm 0.0100}$ & 1 & 62 & 2 MB & 0 B \\")
+    assert rows[1].startswith(r"fed\_avg \& co & $0.7000 \pm 0.0100$") and r"$\mathbf{0.9700 \pm 0.0020}$" in rows[1]

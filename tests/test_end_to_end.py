@@ -9,6 +9,7 @@ from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.factory import synthesize
 from fedfactory.modules import load_module
+from fedfactory.report import read_curves
 from fedfactory.runners.embedded import run
 from helpers import toy_overrides
 
@@ -48,12 +49,22 @@ def test_pipeline_writes_sane_results(digits_npz, tmp_path, mode):
     assert "## Module quality" in (out / "report.md").read_text() and (out / "classifiers/reference.safetensors").exists()
     for m in res["modules"]:
         assert load_module(out / "modules" / m["client"]).saved_manifest["weights_sha256"] == m["sha256"]
+    # the training curves: every module's and the classifier's, in curves.csv, not in results.json
+    curves = read_curves(out / "curves.csv")
+    classifiers = ["server"] if mode == "server" else [f"client-{i}" for i in range(4)]
+    assert sorted({r["series"] for r in curves}) == [*(f"classifier/{c}" for c in classifiers),
+                                                      *(f"module/client-{i}" for i in range(4))]
+    assert all(np.isfinite(r["loss"]) and r["step"] > 0 for r in curves)
+    assert len([r for r in curves if r["series"] == "module/client-0"]) == 2048 // 32  # 64 steps, a point each
+    assert all("curve" not in s for s in res["classifier"].values())
+    assert (out / "module_curves.png").stat().st_size > 0 and "(module_curves.png)" in (out / "report.md").read_text()
 
 
 def test_resume_reuses_verified_modules_and_refuses_to_overwrite(digits_npz, tmp_path):
     cfg = load_config("configs/fashion-silos.toml", toy_overrides(digits_npz))
     out = tmp_path / "run"
     first = run(cfg, out)
+    curves = read_curves(out / "curves.csv")
     with pytest.raises(Exception, match="already holds a run"):
         run(cfg, out)
     # a damaged module is retrained, the others are reused
@@ -64,6 +75,8 @@ def test_resume_reuses_verified_modules_and_refuses_to_overwrite(digits_npz, tmp
     assert [a["client"] for a in adds if a["event"] == "add"][4:] == ["client-1"]
     assert second["metrics"] == first["metrics"]
     assert [m["sha256"] for m in second["modules"]] == [m["sha256"] for m in first["modules"]]
+    # the reused modules keep their curves, the retrained one has its new one (the same: the same seed)
+    assert read_curves(out / "curves.csv") == curves
     # another sampler (the config's is dpm2m) needs no retraining: the modules are reused (and saved with it), and the result
     # is a fresh run's with that sampler
     sampler = toy_overrides(digits_npz) + ["module.sampler='heun'"]
@@ -109,3 +122,4 @@ def test_parallel_client_training_gives_the_same_modules(digits_npz, tmp_path):
     par = run(load_config("configs/fashion-silos.toml", base + ["runtime.parallel_clients=2"]), tmp_path / "par")
     assert [m["sha256"] for m in par["modules"]] == [m["sha256"] for m in seq["modules"]]
     assert par["metrics"] == seq["metrics"]
+    assert read_curves(tmp_path / "par/curves.csv") == read_curves(tmp_path / "seq/curves.csv")  # from the workers too

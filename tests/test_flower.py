@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedfactory.errors import FedFactoryError
+from fedfactory.report import read_curves
 from fedfactory.runners.flower.federation import LocalFederation, federate, flower_tools_missing
 from helpers import assert_same_run, write_image_folder
 
@@ -22,10 +23,14 @@ def test_one_shot_federation_matches_the_embedded_run(toy_config, tmp_path):
     assert result["status"] == "finished:completed"
     embedded = run(load_config(toy_config), tmp_path / "embedded")
     flower = json.loads((tmp_path / "flower/results.json").read_text())
+    curves = read_curves(tmp_path / "embedded/curves.csv")
     for cid in ("client-0", "client-1", "client-2"):
         served = (tmp_path / "flower/modules" / cid / "module.safetensors").read_bytes()
         assert served == (kept / cid / "module.safetensors").read_bytes()  # what the client trained
         assert served == (tmp_path / "embedded/modules" / cid / "module.safetensors").read_bytes()
+        # the site keeps its module's training loss; the server writes its classifier's: the embedded run's
+        assert read_curves(kept / f"{cid}-curves.csv") == [r for r in curves if r["series"] == f"module/{cid}"]
+    assert read_curves(tmp_path / "flower/curves.csv") == [r for r in curves if r["series"] == "classifier/server"]
     assert flower["metrics"] == embedded["metrics"]
     assert flower["synthetic"]["sha256"] == embedded["synthetic"]["sha256"]
     sources = [json.loads(l)["source"] for l in (tmp_path / "flower/audit.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedfactory.errors import FedFactoryError
-from fedfactory import tensors
+from fedfactory import tensors, utils
 from fedfactory.modules import base
 from fedfactory.modules import ModuleFileError, load_module
 from fedfactory.modules.diffusion import DiffusionModule, edm_loss, heun_sampler
@@ -111,6 +111,28 @@ def test_training_twice_with_one_seed_is_bit_identical(trained, kind):
     sa, sb, sc = a.net.state_dict(), b.net.state_dict(), c.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "cvae"])
+def test_fit_records_its_loss_curve_at_the_site_not_in_the_manifest(trained, kind):
+    _, _, x, y = trained
+    m = tiny(kind).fit(x, y)  # 64 images in batches of 16: 4 steps, a point each
+    assert [p["step"] for p in m.curve] == [1, 2, 3, 4] and [p["images_seen"] for p in m.curve] == [16, 32, 48, 64]
+    assert all(math.isfinite(p["loss"]) and p["loss"] > 0 for p in m.curve)
+    assert "curve" not in json.dumps(m.to_bytes()[1])  # what travels: the manifest carries no curve
+
+
+def test_a_loss_curve_has_100_to_200_points_ending_at_the_last_step():
+    for steps in (7, 199, 200, 250, 1000, 12345):
+        curve = utils.LossCurve(steps, batch=8)
+        for step in range(steps):
+            curve.add(step, None if step == 3 else torch.tensor(float(step)))  # step 3: a DP step of noise alone
+        last, points = curve.read(torch.tensor(-1.0))
+        assert last == -1.0 and points[-1]["step"] == steps and points[-1]["images_seen"] == 8 * steps
+        assert len(points) == steps - 1 if steps < 200 else 100 <= len(points) <= 200, steps  # step 3 made none
+        every = points[1]["step"] - points[0]["step"]
+        end = points[2]["step"]
+        assert points[2]["loss"] == sum(range(end - every, end)) / every  # the mean over its steps
 
 
 def _copy(src, dst):

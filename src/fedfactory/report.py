@@ -1,14 +1,17 @@
-"""report.md, the synthetic-vs-real sample grid and the confusion-matrix plot."""
+"""report.md, the synthetic-vs-real sample grid, the confusion-matrix plot, and the training curves
+(curves.csv and the modules' loss plot)."""
 
 from __future__ import annotations
 
+import csv
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .utils import atomic_write_bytes, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 
 def sample_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
@@ -80,6 +83,53 @@ def confusion_png(path: Path, cm: list[list[int]], class_names: list[str], title
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     save_figure(fig, path)
+
+
+# curves.csv: one row per point. step: the optimizer step (a weight-averaging method's: the round);
+# images_seen: training images up to it (blank when unknown); loss: the mean training loss since the last point.
+CURVES, CURVE_COLUMNS, MODULE_CURVES = "curves.csv", ("series", "step", "images_seen", "loss"), "module_curves.png"
+
+
+def curve_rows(series: str, points: list[dict]) -> list[dict]:
+    """A curve's points ({"step", "images_seen", "loss"}) as curves.csv rows named `series`."""
+    return [{"series": series, **p} for p in points]
+
+
+def write_curves(path: Path, rows: list[dict]) -> None:
+    atomic_write_csv(path, CURVE_COLUMNS, [{**r, "loss": f"{r['loss']:.6g}"} for r in rows])
+
+
+def read_curves(path: Path) -> list[dict]:
+    """curves.csv's rows (none when there is no file), numbers as numbers."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{"series": r["series"], "step": int(r["step"]), "loss": float(r["loss"]),
+                 **({"images_seen": int(r["images_seen"])} if r.get("images_seen") else {})} for r in csv.DictReader(f)]
+
+
+def module_curves_png(path: Path, rows: list[dict]) -> bool:
+    """The training loss of every module (the rows of series module/<client>), one line each, against
+    the images it has seen; False (no picture) when there is none."""
+    series = {}
+    for r in rows:
+        if r["series"].startswith("module/"):
+            series.setdefault(r["series"].removeprefix("module/"), []).append(r)
+    if not series:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    for cid, pts in series.items():
+        ax.plot([p.get("images_seen", p["step"]) for p in pts], [p["loss"] for p in pts], lw=1, label=cid)
+    losses = [r["loss"] for pts in series.values() for r in pts if math.isfinite(r["loss"])]
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # a loss falling by decades: a log scale
+        ax.set_yscale("log")
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7, ncol=max(1, len(series) // 8))
+    ax.set_title("generative modules", fontsize=9)
+    save_figure(fig, path)
+    return True
 
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall")
@@ -308,6 +358,9 @@ def write_report(run_dir: Path, results: dict, class_names: list[str], extra: st
     lines += ["", "## Pictures", "", "Synthetic (odd rows) beside real (even rows), one pair of rows per class:" if real
               else "Synthetic images, one row per class (the coordinator holds no real image: the rows between are "
               "empty):", "", "![samples](samples.png)", ""] + (["![confusion matrix](confusion.png)", ""] if m else [])
+    if (run_dir / MODULE_CURVES).exists():
+        lines += [f"Training loss of each site's module ({CURVES} holds every curve, the classifier's too):", "",
+                  f"![module training loss]({MODULE_CURVES})", ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -1,8 +1,10 @@
-"""Seeds derived from stable names, the weight EMA, and atomic file writes."""
+"""Seeds derived from stable names, the weight EMA, training-loss curves, and atomic file writes."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -31,6 +33,31 @@ def ema_step(ema_tensors: list, net_tensors: list, batch: int, seen: int, halfli
     so a run far shorter than the half-life still averages what it learned."""
     halflife = min(halflife_images, seen * 0.1)
     torch._foreach_lerp_(ema_tensors, net_tensors, 1.0 - 0.5 ** (batch / max(halflife, 1e-8)))
+
+
+class LossCurve:
+    """A training loop's loss every `every` steps (the mean over those steps), for a curve of 100 to 200
+    points (`steps` of them below 200). The points stay on the device: reading one waits for all queued
+    work, so `read` reads them all at once, at the end, with the loop's last running loss."""
+
+    def __init__(self, steps: int, batch: int, points: int = 100):
+        self.steps, self.batch, self.every = steps, batch, max(1, steps // points)
+        self.sum, self.n, self.points = None, 0, []  # points: (step, device mean)
+
+    def add(self, step: int, loss: torch.Tensor | None) -> None:
+        """After step `step` (0-based), its detached loss (None: a step without one, a DP step of noise alone)."""
+        if loss is not None:
+            self.sum, self.n = (loss if self.sum is None else self.sum + loss), self.n + 1
+        if self.n and ((step + 1) % self.every == 0 or step + 1 == self.steps):
+            self.points.append((step + 1, self.sum / self.n))
+            self.sum, self.n = None, 0
+
+    def read(self, last: torch.Tensor) -> tuple[float, list[dict]]:
+        """(`last` as a float, the points as {"step", "images_seen", "loss"}): one read from the device.
+        images_seen counts `batch` images a step (with DP, the expected count)."""
+        values = torch.stack([last.double(), *(v.double() for _, v in self.points)]).tolist()
+        return values[0], [{"step": s, "images_seen": s * self.batch, "loss": v}
+                           for (s, _), v in zip(self.points, values[1:])]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -71,6 +98,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_csv(path: str | Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """A CSV with a header, one row per dict (a missing key is a blank cell, a key not in `columns` is left out)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, restval="", extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

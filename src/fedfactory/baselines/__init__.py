@@ -58,19 +58,21 @@ def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tupl
         idx = np.sort(np.concatenate(list(part.indices.values())))
         recipe = central_recipe(cfg) if method == "centralized" else c
         net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, recipe, seed, method, **kw)
+        curves = [{"series": f"classifier/{method}", **p} for p in stats.pop("curve")]
         return predict_log_proba(net, ds.x_test, device, bf16), {"rounds": 0, "uploaded_bytes": 0, "downloaded_bytes": 0,
-                                                                  "classifier": stats}
+                                                                  "classifier": stats, "curves": curves}
     if method == "local-only":
-        experts, alone = [], {}
+        experts, alone, curves = [], {}, []
         for cid, idx in part.indices.items():
-            net, _ = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, c, seed, f"local-{cid}", **kw)
+            net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, c, seed, f"local-{cid}", **kw)
+            curves += [{"series": f"classifier/{cid}", **p} for p in stats["curve"]]
             lp = predict_log_proba(net, ds.x_test, device, bf16)
             experts.append(lp)
             alone[cid] = float((lp.argmax(1) == ds.y_test).mean())
             size = state_bytes(net)
         # one-shot sharing of classifiers: each uploads its classifier once, the PoE is the ensemble
         return product_of_experts(experts), {"rounds": 1, "uploaded_bytes": size * len(experts), "downloaded_bytes": 0,
-                                             "accuracy_alone": alone,
+                                             "accuracy_alone": alone, "curves": curves,
                                              "accuracy_alone_mean": float(np.mean(list(alone.values())))}
     if method in ONE_SHOT:
         return importlib.import_module(f".{ONE_SHOT[method]}", __name__).run(method, cfg, ds, part, **kw)
@@ -97,13 +99,21 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
                     yield augment(x_all[sel], policy, gen, c.blur), y_all[sel]
         return FLClient(cid, len(idx), batches)
 
+    losses, seen, points = [], [0], []  # the round's local losses (on the device), images seen, (round, seen, mean)
+
     def loss_fn(model, x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return cross_entropy(model(x), y)
+            loss = cross_entropy(model(x), y)
+        losses.append(loss.detach().double())
+        seen[0] += len(x)
+        return loss
 
     curve = []
 
     def on_round(r, model):
+        if losses:
+            points.append((r + 1, seen[0], torch.stack(losses).mean()))
+            losses.clear()
         if (r + 1) % b.eval_every == 0 or r + 1 == b.rounds:
             lp = predict_log_proba(model, ds.x_test, device, bf16)
             curve.append({"round": r + 1, "accuracy": float((lp.argmax(1) == ds.y_test).mean())})
@@ -116,4 +126,8 @@ def _weight_averaging(method, cfg, ds, part, device, bf16, policy):
                                  mu=b.mu, alpha=b.alpha)
         info = strategy.fit(net, clients, loss_fn, b.rounds, seed, on_round=on_round)
     info["learning_curve"] = curve
+    # the clients' training loss, each round's mean over its local steps: read from the device once
+    values = torch.stack([v for _, _, v in points]).tolist() if points else []
+    info["curves"] = [{"series": f"{method}/rounds", "step": r, "images_seen": n, "loss": v}
+                      for (r, n, _), v in zip(points, values)]
     return predict_log_proba(net, ds.x_test, device, bf16), info

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FedFactoryError
 from ..tensors import INDEX_BLOCK, to_float, to_model
-from ..utils import derive_seed, ema_step
+from ..utils import LossCurve, derive_seed, ema_step
 from .augment import augment
 from .registry import build_network
 
@@ -98,7 +98,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     Optional (cfg): label smoothing, mixup (Beta(a, a) weights), an EMA of the weights and BatchNorm
     statistics (half-life in images), which is the network returned.
 
-    Returns the network (in eval mode) and its training stats.
+    Returns the network (in eval mode) and its training stats; stats["curve"] is the loss every few
+    steps (utils.LossCurve: 100 to 200 points of {"step", "images_seen", "loss"}).
     """
     if len(images) == 0:
         raise FedFactoryError(f"classifier {name}: no training images")
@@ -120,7 +121,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     y_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
 
     net.train()
-    t0, loss_avg = time.perf_counter(), None
+    t0, loss_avg, curve = time.perf_counter(), None, LossCurve(steps, batch)
     bar = tqdm(range(steps), desc=f"classifier {name}", unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for step, idx in zip(bar, _balanced_batches(labels, num_classes, rng, steps, batch, device)):
         x, y = augment(to_model(pixels[idx]), augment_policy, gen, cfg.blur), y_all[idx]
@@ -134,14 +135,16 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
             ema_step(ema_tensors, net_tensors, batch, (step + 1) * batch, halflife)
         loss = loss.detach().double()  # a running mean on the device: read (a host sync) only for the bar
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+        curve.add(step, loss)
         if not bar.disable and step % 20 == 0:
             bar.set_postfix(loss=f"{loss_avg.item():.3f}", refresh=False)
     bar.close()
-    final_loss = float(loss_avg)  # waits for the device's queued work, so the wall time below is true
+    final_loss, points = curve.read(loss_avg)  # waits for the device's queued work, so the wall time below is true
     wall = time.perf_counter() - t0
     return (ema if ema is not None else net).eval(), {
         "train_seconds": round(wall, 2), "images_seen": steps * batch,
-        "images_per_s": round(steps * batch / wall, 1), "final_loss": round(final_loss, 4)}
+        "images_per_s": round(steps * batch / wall, 1), "final_loss": round(final_loss, 4),
+        "curve": points}  # the loss every few steps: a runner moves it to curves.csv
 
 
 @torch.no_grad()

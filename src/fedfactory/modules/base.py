@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import FedFactoryError
 from ..tensors import resolve_device, to_model, to_uint8, use_bf16
-from ..utils import derive_seed, ema_step
+from ..utils import LossCurve, derive_seed, ema_step
 from .fileformat import serialize, write_module_dir
 from .limits import is_int
 from .training import Trainer, default_trainer
@@ -129,6 +129,9 @@ class GenerativeModule(ABC):
         self.image_shape: tuple[int, int, int] | None = None
         self.net: torch.nn.Module | None = None   # EMA weights: what is shipped and sampled
         self.stats: dict = {}
+        # fit's training loss, every few steps ({"step", "images_seen", "loss"}): kept at the site (the
+        # runners write it to curves.csv), never in the manifest, which travels and is size-checked
+        self.curve: list[dict] = []
         self.privacy: dict = {}  # {"audit": ..., "dp": ...}: what the module reveals (privacy/)
         self.audit_pairs: list | None = None  # the audit's closest pairs (training images): never saved with it
         self.site: dict = {}  # the site's terms: its policy and the config it trained under (policy.py)
@@ -164,12 +167,12 @@ class GenerativeModule(ABC):
         second and once at the end."""
         local = self._take_data(images, labels)
         run = self._start(images, local, trainer or default_trainer(self))
-        seen, loss_avg = self._loop(run, checkpoint, checkpoint_every, on_progress)
+        seen, loss_avg, curve = self._loop(run, checkpoint, checkpoint_every, on_progress)
         for be, b in zip(run.ema.buffers(), run.net.buffers()):
             be.copy_(b)
         self.net = run.ema.eval()
         # Reading the loss waits for the device's queued work, so the wall time below is true.
-        final_loss = float("nan") if loss_avg is None else float(loss_avg)
+        final_loss, self.curve = (float("nan"), []) if loss_avg is None else curve.read(loss_avg)
         wall = time.perf_counter() - run.t0
         self.stats = {"train_seconds": round(wall, 2), "train_images_per_s": round(seen / wall, 1),
                       "images_seen": seen, "final_loss": round(final_loss, 5)}
@@ -212,11 +215,12 @@ class GenerativeModule(ABC):
                     warmup=max(1, int(cfg.get("warmup_images", 0)) // batch))
 
     def _loop(self, run: "_Run", checkpoint, checkpoint_every: int, on_progress):
-        """The training steps; (images seen, running mean loss on the device or None)."""
+        """The training steps; (images seen, running mean loss on the device or None, the loss curve)."""
         cfg, net = self.train_cfg, run.net
         ema_params, net_params = list(run.ema.parameters()), list(net.parameters())
         net.train()
         t0, seen, loss_avg = time.perf_counter(), 0, None
+        curve = LossCurve(run.steps, run.batch)
         run.t0, told = t0, t0  # told: when on_progress was last called
         # disable=None: no bar when stderr is not a terminal (a log file), as the runners' bars
         bar = tqdm(range(run.steps), desc=f"{self.kind} {self.client_id}", unit="step",
@@ -230,6 +234,7 @@ class GenerativeModule(ABC):
             if loss is not None:  # a running mean kept on the device: read (a host sync) only when the bar shows it
                 loss = loss.detach().double()
                 loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+            curve.add(step, loss)
             # Host-side counts only, no device read: on a GPU the steps told are those queued, a bounded
             # distance ahead of the device.
             if on_progress and time.perf_counter() - told >= PROGRESS_EVERY:
@@ -238,7 +243,7 @@ class GenerativeModule(ABC):
             if not bar.disable and (step % 20 == 0 or step == run.steps - 1) and loss_avg is not None:
                 bar.set_postfix(loss=f"{loss_avg.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
-        return seen, loss_avg
+        return seen, loss_avg, curve
 
     def _step(self, run: "_Run", step: int, idx: torch.Tensor, net_params: list):
         """One optimizer step on the batch `idx`; its loss (None for an empty DP batch: noise alone)."""

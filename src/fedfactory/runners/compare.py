@@ -17,7 +17,7 @@ from ..config import Config
 from ..baselines import METHODS, run_baseline
 from ..errors import FedFactoryError
 from ..evaluate import evaluate
-from ..report import METRICS, pyplot, save_figure
+from ..report import CURVES, METRICS, pyplot, save_figure, write_curves
 from ..utils import atomic_write_json, atomic_write_text
 from ..runtime import setup_runtime
 from .common import prepare_data
@@ -35,11 +35,12 @@ def run_method(method: str, cfg: Config, out: Path) -> dict:
     ds, part = prepare_data(cfg)
     log_proba, info = run_baseline(method, cfg, ds, part)
     wall = time.perf_counter() - t
+    out.mkdir(parents=True, exist_ok=True)
+    write_curves(out / CURVES, info.pop("curves", []))  # the training curves, beside results.json, not in it
     results = {"library_version": __version__, "method": method, "config": cfg.to_dict(),
                "metrics": evaluate(ds.y_test, log_proba, ds.num_classes), "timings": {"total": round(wall, 2)},
                "clients": part.counts, "communication": {k: info.pop(k) for k in ("rounds", "uploaded_bytes", "downloaded_bytes")},
                "details": info}
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     return results
 
@@ -80,6 +81,7 @@ def compare(cfg: Config, methods: list[str], seeds: list[int], out: str | Path) 
         summary["methods"][method] = _summary(runs)
     atomic_write_json(out / "comparison.json", summary)
     _write_markdown(out, summary)
+    _write_latex(out, summary)
     _bar_chart(out, summary)
     _learning_curves(out, summary)
     return summary
@@ -107,6 +109,31 @@ def _write_markdown(out: Path, s: dict) -> None:
     if any("learning_curve" in m for m in s["methods"].values()):
         lines += ["![test accuracy by round](learning_curves.png)", ""]
     atomic_write_text(out / "comparison.md", "\n".join(lines))
+
+
+LATEX_SPECIAL = {**{c: "\\" + c for c in "&%$#_{}"}, "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "\\": r"\textbackslash{}"}
+
+
+def _write_latex(out: Path, s: dict) -> None:
+    r"""comparison.tex: the table as a booktabs tabular (\usepackage{booktabs}), mean $\pm$ std over the
+    seeds, the best mean of each metric (at the printed precision) in bold."""
+    cfg, methods = s["config"], s["methods"]
+    best = {k: max(round(m[k]["mean"], 4) for m in methods.values()) for k in TABLE}
+
+    def cell(m, k):
+        text = rf"{m[k]['mean']:.4f} \pm {m[k]['std']:.4f}"
+        return rf"$\mathbf{{{text}}}$" if round(m[k]["mean"], 4) == best[k] else f"${text}$"
+
+    lines = [f"% fedfactory compare: {cfg['data']['name']}, {cfg['partition']['scheme']}, {cfg['partition']['clients']} "
+             f"clients; seeds {s['seeds']}; mean +- std over seeds on the real test set; best mean in bold",
+             r"\begin{tabular}{l" + "c" * len(TABLE) + "rrrr}", r"\toprule",
+             r"method & accuracy & balanced acc. & AUROC & F1 & rounds & wall (s) & up & down \\", r"\midrule"]
+    for name, m in methods.items():
+        row = ["".join(LATEX_SPECIAL.get(c, c) for c in name), *(cell(m, k) for k in TABLE), str(m["rounds"]),
+               f"{m['wall_seconds']:.0f}", _fmt_bytes(m["uploaded_bytes"]), _fmt_bytes(m["downloaded_bytes"])]
+        lines.append(" & ".join(row) + r" \\")
+    atomic_write_text(out / "comparison.tex", "\n".join([*lines, r"\bottomrule", r"\end{tabular}", ""]))
 
 
 def _bar_chart(out: Path, s: dict) -> None:

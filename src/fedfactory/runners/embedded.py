@@ -28,6 +28,7 @@ from ..factory import SyntheticSet
 from ..server import build, evaluation_split, start_run, synthesize_all, write_build
 from ..privacy.audit import holdout_split
 from ..progress import ClientProgress
+from ..report import CURVES, MODULE_CURVES, curve_rows, module_curves_png, read_curves, write_curves
 from ..site import POLICY, check_upload, new_module, save_audit_report, train_expert, train_module
 from .common import prepare_data, site_data, sites_reference
 
@@ -81,16 +82,17 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _train_in_worker(cfg: Config, cid: str, path: str, news=None) -> dict:
-    """A site's training in its own process (the sites of a federation are independent); its progress
-    goes to the `news` queue, if given, as (client, steps done, steps, images seen, seconds)."""
+def _train_in_worker(cfg: Config, cid: str, path: str, news=None) -> tuple[dict, list]:
+    """A site's training in its own process (the sites of a federation are independent): its manifest
+    and loss curve; its progress goes to the `news` queue, if given, as (client, steps done, steps,
+    images seen, seconds)."""
     setup_runtime(cfg)
     ds, part = prepare_data(cfg)
     tell = None if news is None else lambda *p: news.put((cid, *p))
     module = train_module(cfg, cid, *site_data(ds, part, cid), on_progress=tell)
     manifest = module.save(path)
     save_audit_report(module, audit_dir(Path(path).parents[1], cid))
-    return manifest
+    return manifest, module.curve
 
 
 def audit_dir(run_dir: Path, cid: str) -> Path:
@@ -101,7 +103,7 @@ def audit_dir(run_dir: Path, cid: str) -> Path:
 def train_modules(cfg: Config, ds: Dataset, part: Partition, run_dir: Path, resume: bool) -> list[GenerativeModule]:
     """Every site's module, trained here or reused (resume); several sites at once in separate
     processes, each with its share of the cores, as runtime.site_split decides."""
-    todo, modules = [], {}
+    todo, modules, curves = [], {}, {}
     for cid in part.clients:
         path = run_dir / "modules" / cid
         m = _reusable(path, cfg, ds.y_train[part.indices[cid]], cid) if resume and path.exists() else None
@@ -132,7 +134,8 @@ def train_modules(cfg: Config, ds: Dataset, part: Partition, run_dir: Path, resu
                 for cid in todo:  # registered in client order, whatever order they finish in
                     while view and not futures[cid].done():
                         view.poll()
-                    register(run_dir, futures[cid].result())  # a worker's exception surfaces here
+                    manifest, curves[cid] = futures[cid].result()  # a worker's exception surfaces here
+                    register(run_dir, manifest)
                     bar.update(1)
             finally:
                 if view:
@@ -148,9 +151,21 @@ def train_modules(cfg: Config, ds: Dataset, part: Partition, run_dir: Path, resu
     for cid in todo:
         if cid not in modules:
             modules[cid] = load_module(run_dir / "modules" / cid, rt.device, rt.bf16)
+            modules[cid].curve = curves[cid]
     for cid in part.clients:  # every site trains before one that failed its audit stops the run
         check_upload(cfg, modules[cid], kept_at=f"{run_dir / 'modules' / cid} and {audit_dir(run_dir, cid)}")
     return [modules[cid] for cid in part.clients]
+
+
+def module_curves(run_dir: Path, modules: list[GenerativeModule]) -> list[dict]:
+    """curves.csv's rows of every module; a module reused by --resume (its curve is not in its folder,
+    which holds only what travels) keeps its rows of the curves.csv already in the run folder."""
+    old = read_curves(run_dir / CURVES) if any(not m.curve for m in modules) else []
+    rows = []
+    for m in modules:
+        series = f"module/{m.client_id}"
+        rows += curve_rows(series, m.curve) if m.curve else [r for r in old if r["series"] == series]
+    return rows
 
 
 def train_experts(cfg: Config, ds: Dataset, part: Partition, synth: SyntheticSet) -> dict:
@@ -181,6 +196,9 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     t = time.perf_counter()
     modules = train_modules(cfg, ds, part, run_dir, resume)
     timings["modules"] = time.perf_counter() - t
+    curves = module_curves(run_dir, modules)
+    write_curves(run_dir / CURVES, curves)  # now: a run resumed after a crash keeps them
+    module_curves_png(run_dir / MODULE_CURVES, curves)
     t = time.perf_counter()
     reference = sites_reference(cfg, ds, part)
     timings["reference"] = time.perf_counter() - t
@@ -193,4 +211,7 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         experts = train_experts(cfg, ds, part, synth)
         timings["experts"] = time.perf_counter() - t
     built = build(cfg, modules, evaluation_split(cfg, ds), run_dir, experts=experts, synth=synth, reference=reference)
+    for name, stats in built.train_stats.items():  # to curves.csv, not results.json
+        curves += curve_rows(f"classifier/{name}", stats.pop("curve", []))
+    write_curves(run_dir / CURVES, curves)
     return write_build(run_dir, built, built.results(timings=timings))

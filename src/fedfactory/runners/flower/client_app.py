@@ -36,6 +36,7 @@ from ...modules.fileformat import check_client_id, write_module_dir
 from ...modules.limits import Limits
 from ...policy import accept, load_policy, record_terms
 from ...privacy.audit import holdout_split
+from ...report import curve_rows, write_curves
 from ...runtime import setup_runtime
 from ...signing import load_private_key, signed_bytes
 from ...site import (check_upload, evaluate_at_site, federation_classes, load_site_data, load_site_test,
@@ -105,9 +106,10 @@ def train(msg: Message, context: Context) -> Message:
         record_terms(module, policy, cfg)
         blob, manifest = signed_bytes(module, sign_key)  # the final manifest, signed once: kept and sent alike
         kept = ""
-        if keep:  # the module, and beside it the site's own audit report
+        if keep:  # the module, and beside it the site's own audit report and training loss
             module.saved_manifest = write_module_dir(keep / cid, blob, manifest)
             save_audit_report(module, keep / f"{cid}-audit")
+            write_curves(keep / f"{cid}-curves.csv", curve_rows(f"module/{cid}", module.curve))
             kept = f"{keep / cid} and {keep / f'{cid}-audit'}"
         check_upload(cfg, module, kept_at=kept)  # a module that failed its audit never leaves the site
         return Message(module_content(blob, manifest), reply_to=msg)
