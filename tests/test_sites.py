@@ -11,6 +11,7 @@ from fedfactory import server
 from fedfactory.cli import main
 from fedfactory.config import load_config
 from fedfactory.errors import FedFactoryError
+from fedfactory.report import CURVES, read_curves
 from fedfactory.registry import read_registry
 from fedfactory.runners import embedded
 from fedfactory.runners.embedded import prepare_data, run
@@ -64,6 +65,11 @@ def test_site_train_and_server_build_equal_the_embedded_run(br35h_federation, tm
     assert after == 0
     forgot = json.loads((tmp_path / "forgot/results.json").read_text())
     assert forgot["missing_classes"] == [1] and forgot["test"]["sha256"] == built["test"]["sha256"]
+    # the classifiers' loss curves go to curves.csv, never into results.json, in both builds
+    for run, results in (("run", built), ("forgot", forgot)):
+        assert "curve" not in results["classifier"]["server"]
+        curve = read_curves(tmp_path / run / CURVES)
+        assert {r["series"] for r in curve} == {"classifier/server"} and len(curve) > 1
     assert json.loads((tmp_path / "forgot/audit.jsonl").read_text().splitlines()[-1])["event"] == "remove"
 
 

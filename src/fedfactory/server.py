@@ -43,7 +43,7 @@ from .privacy import AUDIT_FRACTIONS
 from .quality import quality_report
 from .registry import register
 from .roster import check_agreement, load_roster
-from .report import confusion_png, synthetic_vs_real, write_report
+from .report import CURVES, confusion_png, curve_rows, synthetic_vs_real, write_curves, write_report
 from .runtime import classifier_kw
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, derive_seed
 
@@ -224,6 +224,7 @@ class Build:
     quality: dict
     reference: object = None         # the quality report's feature network (a simulated federation's)
     timings: dict = field(default_factory=dict)  # seconds: synthesis (when made here), classifier, quality
+    curves: list = field(default_factory=list)   # the classifiers' training loss: curves.csv rows
 
     def results(self, test_source: str = "", timings: dict | None = None) -> dict:
         """results.json: `test_source` as the caller named the test set ("" for the config's data set),
@@ -310,6 +311,8 @@ def build(cfg: Config, modules: list[GenerativeModule], test: LabelledImages, ru
         timings["synthesis"] = time.perf_counter() - t
     t = time.perf_counter()
     nets, train_stats = train_networks(cfg, modules, synth, test, experts)
+    # the loss curves go to curves.csv, not into results.json's stats
+    curves = sum((curve_rows(f"classifier/{name}", s.pop("curve", [])) for name, s in train_stats.items()), [])
     c = cfg.classifier
     model = FederatedClassifier(nets, test.class_names, test.image_shape, c.mode, synth.missing_classes,
                                 c.preset, c.width)
@@ -325,12 +328,15 @@ def build(cfg: Config, modules: list[GenerativeModule], test: LabelledImages, ru
         timings["quality"] = time.perf_counter() - t
     sizes = {m.client_id: (Path(run_dir) / "modules" / m.client_id / WEIGHTS).stat().st_size for m in modules}
     return Build(cfg, test, modules, sizes, synth, model, model.to_bytes(), train_stats, metrics, quality, reference,
-                 timings)
+                 timings, curves)
 
 
-def write_build(run_dir: Path, built: Build, results: dict, extra: str = "") -> dict:
+def write_build(run_dir: Path, built: Build, results: dict, extra: str = "", module_curves: list = ()) -> dict:
     """A build into its run folder: every network's weights (classifiers/), the classifier file that goes
-    back to the sites (model.safetensors), the pictures, results.json and report.md (`extra`: more of it)."""
+    back to the sites (model.safetensors), the pictures, results.json, report.md (`extra`: more of it) and
+    curves.csv (the classifiers' loss after `module_curves`, the rows of the modules trained here)."""
+    if built.curves or module_curves:
+        write_curves(Path(run_dir) / CURVES, [*module_curves, *built.curves])
     for name, net in built.classifier.nets.items():  # the classifiers are the product: keep their weights
         atomic_write_bytes(run_dir / "classifiers" / f"{name}.safetensors", classifier_to_bytes(net, name))
     atomic_write_bytes(run_dir / MODEL, built.model_bytes)

@@ -211,7 +211,4 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         experts = train_experts(cfg, ds, part, synth)
         timings["experts"] = time.perf_counter() - t
     built = build(cfg, modules, evaluation_split(cfg, ds), run_dir, experts=experts, synth=synth, reference=reference)
-    for name, stats in built.train_stats.items():  # to curves.csv, not results.json
-        curves += curve_rows(f"classifier/{name}", stats.pop("curve", []))
-    write_curves(run_dir / CURVES, curves)
-    return write_build(run_dir, built, built.results(timings=timings))
+    return write_build(run_dir, built, built.results(timings=timings), module_curves=curves)

@@ -27,7 +27,6 @@ from ...modules import load_module
 from ...modules.fileformat import check_client_id, is_module_dir, write_module_dir
 from ...modules.limits import Limits
 from ...registry import read_registry, register
-from ...report import CURVES, curve_rows, write_curves
 from ...runtime import setup_runtime
 from ...roster import check_agreement
 from ...server import (MODEL, build, check_audit, federation_roster, module_limits, pool_site_evaluations, start_run,
@@ -287,10 +286,6 @@ def serve(grid: Grid, rc: dict) -> None:
         timings["experts"] = time.perf_counter() - t
         _report(failures)  # a missing expert: build() leaves it out or fails, by classifier.missing_experts
     built = build(cfg, modules, test, out, experts=experts)
-    # the server classifier's loss to curves.csv, not results.json (the modules' stay at their sites)
-    curves = sum((curve_rows(f"classifier/{name}", s.pop("curve", [])) for name, s in built.train_stats.items()), [])
-    if curves:
-        write_curves(out / CURVES, curves)
     results = write_build(out, built, built.results(test_source, timings))
     answers, failures = collect_evaluations(grid, owners, cfg, out, float(rc["train-timeout"]))
     _report(failures)  # a site that did not evaluate is named; the metrics say which sites they cover
