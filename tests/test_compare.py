@@ -33,7 +33,7 @@ def test_compare_at_toy_size_writes_every_method_and_seed(digits_npz, tmp_path, 
     assert (tmp_path / "cmp/learning_curves.png").stat().st_size > 0
     # every method/seed folder has its training curves, with the series each method trains
     expected = {"factory": {*(f"module/client-{i}" for i in range(4)), "classifier/server"},
-                "centralized": {"classifier/centralized"}, "local-only": {f"classifier/client-{i}" for i in range(4)},
+                "centralized": {"classifier/centralized"}, "local-only": {f"site/client-{i}" for i in range(4)},
                 **{m: {f"{m}/rounds"} for m in ("fedavg", "fedprox", "scaffold", "feddyn")}}
     for name, series in expected.items():
         curves = read_curves(tmp_path / f"cmp/{name}/seed-2/curves.csv")

@@ -80,6 +80,9 @@ def test_end_to_end_on_the_toy_federation_with_the_same_bits_twice(toy, method):
     assert np.allclose(np.exp(lp).sum(1), 1.0)
     assert np.array_equal(lp, lp2) and info["curves"] == info2["curves"]
     assert info["ensemble_weights"] == info2["ensemble_weights"]
+    # the second run reuses the sites' classifiers (as local-only, dense and coboosting do in one compare),
+    # copies that the first run's distillation left untouched: the same bits
+    assert info2["reused_site_training_seconds"] > 0
     assert info["rounds"] == 1 and info["downloaded_bytes"] == 0
     assert info["uploaded_bytes"] > 0 and info["uploaded_bytes"] % len(part.indices) == 0  # one classifier each
     series = {row["series"] for row in info["curves"]}

@@ -18,8 +18,11 @@ optionally, "curves": rows {"series", "step", "loss"} for the run folder's curve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import importlib
+import time
 
 import numpy as np
 import torch
@@ -47,6 +50,31 @@ def central_recipe(cfg: Config) -> ClassifierConfig:
                                budget_images=b.central_budget or cfg.classifier.budget_images)
 
 
+_SITE_CLASSIFIERS: dict[str, tuple[tuple[dict, list], float]] = {}  # this process's, by what made them
+
+
+def site_classifiers(cfg: Config, ds: Dataset, part: Partition, **kw) -> tuple[dict, list, float]:
+    """Each site's classifier trained on its own data with the run's recipe (local-only's experts, and
+    the classifiers DENSE and Co-Boosting upload): client id -> network, the curves.csv rows, and the
+    seconds of training they reused. Within one process (a `compare`), the same recipe, seed, data and
+    partition train them once; later methods get copies, and the first training's seconds (0 when
+    they were trained by this call), which compare adds to their wall time."""
+    h = hashlib.sha256(repr((cfg.classifier, cfg.seed, ds.name, ds.x_train.shape, sorted(kw.items(), key=str))).encode())
+    for cid, idx in part.indices.items():
+        h.update(cid.encode() + np.asarray(idx, np.int64).tobytes())
+    key = h.hexdigest()
+    if key in _SITE_CLASSIFIERS:
+        (nets, curves), seconds = _SITE_CLASSIFIERS[key]
+        return copy.deepcopy(nets), list(curves), seconds
+    t, nets, curves = time.perf_counter(), {}, []
+    for cid, idx in part.indices.items():
+        nets[cid], stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, cfg.classifier,
+                                            cfg.seed, f"local-{cid}", **kw)
+        curves += [{"series": f"site/{cid}", **p} for p in stats["curve"]]
+    _SITE_CLASSIFIERS[key] = ((nets, curves), time.perf_counter() - t)  # a compare's seeds: a few small networks each
+    return copy.deepcopy(nets), list(curves), 0.0
+
+
 def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tuple[np.ndarray, dict]:
     """Train `method` and return log-probabilities on the real test set and what it cost."""
     c, seed, progress = cfg.classifier, cfg.seed, cfg.runtime.progress
@@ -62,18 +90,14 @@ def run_baseline(method: str, cfg: Config, ds: Dataset, part: Partition) -> tupl
         return predict_log_proba(net, ds.x_test, device, bf16), {"rounds": 0, "uploaded_bytes": 0, "downloaded_bytes": 0,
                                                                   "classifier": stats, "curves": curves}
     if method == "local-only":
-        experts, alone, curves = [], {}, []
-        for cid, idx in part.indices.items():
-            net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, c, seed, f"local-{cid}", **kw)
-            curves += [{"series": f"classifier/{cid}", **p} for p in stats["curve"]]
-            lp = predict_log_proba(net, ds.x_test, device, bf16)
-            experts.append(lp)
-            alone[cid] = float((lp.argmax(1) == ds.y_test).mean())
-            size = state_bytes(net)
+        nets, curves, seconds = site_classifiers(cfg, ds, part, **kw)
+        experts = {cid: predict_log_proba(net, ds.x_test, device, bf16) for cid, net in nets.items()}
+        alone = {cid: float((lp.argmax(1) == ds.y_test).mean()) for cid, lp in experts.items()}
         # one-shot sharing of classifiers: each uploads its classifier once, the PoE is the ensemble
-        return product_of_experts(experts), {"rounds": 1, "uploaded_bytes": size * len(experts), "downloaded_bytes": 0,
-                                             "accuracy_alone": alone, "curves": curves,
-                                             "accuracy_alone_mean": float(np.mean(list(alone.values())))}
+        return product_of_experts(list(experts.values())), {
+            "rounds": 1, "uploaded_bytes": sum(map(state_bytes, nets.values())), "downloaded_bytes": 0,
+            "accuracy_alone": alone, "curves": curves, "accuracy_alone_mean": float(np.mean(list(alone.values()))),
+            "reused_site_training_seconds": round(seconds, 2)}
     if method in ONE_SHOT:
         return importlib.import_module(f".{ONE_SHOT[method]}", __name__).run(method, cfg, ds, part, **kw)
     if method in ALGORITHMS:

@@ -71,13 +71,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..classify import build_classifier, predict_log_proba, train_classifier
+from ..classify import build_classifier, predict_log_proba
 from ..classify.augment import augment
 from ..config import Config
 from ..data import Dataset, Partition
 from ..errors import FedFactoryError
 from ..tensors import to_float
 from ..utils import derive_seed
+from . import site_classifiers
 from .averaging import state_bytes
 
 
@@ -413,17 +414,10 @@ def run(method: str, cfg: Config, ds: Dataset, part: Partition, *, augment_polic
         raise FedFactoryError(f"datafree runs {' or '.join(RECIPES)}, not {method!r}")
     if not part.indices:
         raise FedFactoryError(f"{method}: the partition has no sites")
-    device, t0 = torch.device(device), time.perf_counter()
-    nets, curves, size = [], [], 0
-    for cid, idx in part.indices.items():  # exactly local-only's classifiers
-        net, stats = train_classifier(ds.x_train[idx], ds.y_train[idx], ds.num_classes, cfg.classifier, cfg.seed,
-                                      f"local-{cid}", augment_policy=augment_policy, device=device, bf16=bf16,
-                                      progress=progress)
-        nets.append(net)
-        size += state_bytes(net)
-        points = stats.get("curve") or [{"step": math.ceil(stats["images_seen"] / cfg.classifier.batch_size),
-                                         "loss": stats["final_loss"]}]
-        curves += [{"series": f"site/{cid}", "step": int(p["step"]), "loss": float(p["loss"])} for p in points]
+    device = torch.device(device)
+    sites, curves, site_seconds = site_classifiers(cfg, ds, part, augment_policy=augment_policy, device=device,
+                                                   bf16=bf16, progress=progress)  # local-only's, shared in a compare
+    nets, size = list(sites.values()), sum(map(state_bytes, sites.values()))
     t1 = time.perf_counter()
     server = make_server(method, nets, ds, cfg, device, bf16)
     stats = train_server(server, cfg.classifier.budget_images, derive_seed(cfg.seed, method, "order"), method, progress)
@@ -431,5 +425,5 @@ def run(method: str, cfg: Config, ds: Dataset, part: Partition, *, augment_polic
     info = {"rounds": 1, "uploaded_bytes": size, "downloaded_bytes": 0, "curves": curves + stats.pop("curves"),
             **stats, **_test_accuracy(server, ds, list(part.indices)),
             "ensemble_weights": dict(zip(part.indices, server.w.tolist())),
-            "seconds": {"sites": round(t1 - t0, 1), "server": round(t2 - t1, 1)}, "hyperparameters": asdict(server.recipe)}
+            "reused_site_training_seconds": round(site_seconds, 2), "seconds": {"server": round(t2 - t1, 1)}, "hyperparameters": asdict(server.recipe)}
     return predict_log_proba(server.student, ds.x_test, device, bf16), info

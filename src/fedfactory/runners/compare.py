@@ -37,8 +37,11 @@ def run_method(method: str, cfg: Config, out: Path) -> dict:
     wall = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)
     write_curves(out / CURVES, info.pop("curves", []))  # the training curves, beside results.json, not in it
+    timings = {"total": round(wall, 2)}
+    if info.get("reused_site_training_seconds"):  # the sites' classifiers another method trained: their cost counts here too
+        timings["reused_site_training"] = info.pop("reused_site_training_seconds")
     results = {"library_version": __version__, "method": method, "config": cfg.to_dict(),
-               "metrics": evaluate(ds.y_test, log_proba, ds.num_classes), "timings": {"total": round(wall, 2)},
+               "metrics": evaluate(ds.y_test, log_proba, ds.num_classes), "timings": timings,
                "clients": part.counts, "communication": {k: info.pop(k) for k in ("rounds", "uploaded_bytes", "downloaded_bytes")},
                "details": info}
     atomic_write_json(out / "results.json", results)
