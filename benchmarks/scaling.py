@@ -165,13 +165,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/scaling")
     ap.add_argument("--images", default="8000", help="images per module on the images axis, beyond the base point's")
     ap.add_argument("--set", action="append", default=[], help="more overrides for every point")
+    ap.add_argument("--only", default="", help="comma-separated points to run, in this order (default: all); "
+                                               "the table takes every finished point in --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     res = {"processor": processor(), "grid": GRID, "points": {}}
-    for name, overrides in grid([int(v) for v in args.images.split(",")]).items():
-        cfg = load_config(CONFIG, [*GRID, *overrides, *args.set])
+    points = grid([int(v) for v in args.images.split(",")])
+    todo = args.only.split(",") if args.only else list(points)
+    unknown = sorted(set(todo) - set(points))
+    if unknown:
+        ap.error(f"unknown point(s) {unknown}; the grid has {', '.join(points)}")
+    finished = [n for n in points if n not in todo and (out / n / "results.json").exists()]
+    for name in [*todo, *finished]:  # those asked for, in their order; then the table's other finished points
+        cfg = load_config(CONFIG, [*GRID, *points[name], *args.set])
         res["points"][name] = measure(cfg, out / name)
         print(name, res["points"][name], flush=True)
+    res["points"] = {n: res["points"][n] for n in points if n in res["points"]}  # grid order
     shipped = load_config(CONFIG, args.set)
     fl = {s: flops_per_image(shipped, s) for s in (28, 128)}
     res |= {"GFLOP_per_image": fl, "rates": rates(res["points"], fl), "gpu_assumed_TFLOPs": GPU_TFLOPS}
