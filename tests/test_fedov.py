@@ -60,7 +60,7 @@ def test_a_site_abstains_on_the_classes_it_never_saw(digits_npz):
     p_unknown = torch.softmax(net(to_float(xt)), 1)[:, 4].detach().numpy()
     others, own = p_unknown[yt >= 2].mean(), p_unknown[yt < 2].mean()
     assert others > own + 0.2, f"unknown probability {others:.3f} on unseen classes, {own:.3f} on its own"
-    assert curve[-1][0] == 60 and stats["images_seen"] == 16 * 60
+    assert curve[-1]["step"] == 60 and stats["images_seen"] == 16 * 60
 
 
 def test_fedov_end_to_end_votes_above_chance_and_repeats(digits_npz):

@@ -65,7 +65,7 @@ from ..config import ClassifierConfig, Config
 from ..data import Dataset, Partition
 from ..errors import FedFactoryError
 from ..tensors import to_model
-from ..utils import derive_seed, ema_step
+from ..utils import LossCurve, derive_seed, ema_step
 from .averaging import state_bytes
 
 
@@ -77,7 +77,6 @@ class FedOVParams:
     adv_alpha: float = 0.004    # step per iteration (the code's 0.002 on [0, 1] pixels)
     adv_epsilon: float = 1.0    # L-inf bound around the DD outlier (the code's 0.5 on [0, 1])
     placeholder: float = 1.0    # weight of the classifier placeholder term (unknown as runner-up)
-    log_every: int = 20         # a curve point: the mean loss of this many steps
 
 
 FEDOV = FedOVParams()
@@ -235,7 +234,7 @@ def train_open_set(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg
                    bf16: bool = False, progress: bool = True) -> tuple[torch.nn.Module, dict, list[tuple[int, float]]]:
     """A site's open-set classifier (num_classes + 1 outputs), trained from scratch for cfg.budget_images
     real images drawn class-balanced, each batch with fresh outliers. Returns the network (eval mode),
-    its stats and its loss curve [(step, mean loss of the last p.log_every steps)]."""
+    its stats and its loss curve (utils.LossCurve's points)."""
     if len(images) == 0:
         raise FedFactoryError(f"fedov: site {cid} holds no training images")
     device = torch.device(device)
@@ -250,7 +249,7 @@ def train_open_set(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg
     pixels = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device)
     y_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
     net.train()
-    t0, curve, window, ticks = time.perf_counter(), [], torch.zeros((), dtype=torch.float64, device=device), 0
+    t0, curve = time.perf_counter(), LossCurve(steps, batch)
     bar = tqdm(range(steps), desc=f"fedov {cid}", unit="step", disable=None if progress else True, leave=False)
     for step, idx in zip(bar, _balanced_batches(labels, num_classes, rng, steps, batch, device)):
         x = augment(to_model(pixels[idx]), augment_policy, gen, cfg.blur)
@@ -261,15 +260,13 @@ def train_open_set(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg
         sched.step()
         if ema is not None:
             ema_step(ema_tensors, net_tensors, batch, (step + 1) * batch, float(cfg.ema_halflife_images))
-        window, ticks = window + loss.detach(), ticks + 1
-        if ticks == p.log_every or step + 1 == steps:  # kept on the device: read once, at the end
-            curve.append((step + 1, window / ticks))
-            window, ticks = torch.zeros_like(window), 0
+        loss = loss.detach().double()
+        curve.add(step, loss)
     bar.close()
-    curve = [(s, float(v)) for s, v in curve]  # waits for the device's queued work: the wall time is true
+    final_loss, points = curve.read(loss)  # waits for the device's queued work: the wall time is true
     stats = {"train_seconds": round(time.perf_counter() - t0, 2), "images_seen": steps * batch,
-             "final_loss": round(curve[-1][1], 4)}
-    return (ema if ema is not None else net).eval(), stats, curve
+             "final_loss": round(final_loss, 4)}
+    return (ema if ema is not None else net).eval(), stats, points
 
 
 def vote(log_probas: list[np.ndarray], num_classes: int) -> np.ndarray:
@@ -303,7 +300,7 @@ def run(method: str, cfg: Config, ds: Dataset, part: Partition, *, augment_polic
                                            augment_policy=augment_policy, device=device, bf16=bf16, progress=progress)
         votes.append(predict_log_proba(net, ds.x_test, device, bf16))
         sites[cid] = {**stats, **_site_stats(votes[-1], ds, np.unique(ds.y_train[idx]))}
-        curves += [{"series": f"fedov/{cid}", "step": s, "loss": v} for s, v in curve]
+        curves += [{"series": f"fedov/{cid}", **point} for point in curve]
         size += state_bytes(net)
     return vote(votes, k), {"rounds": 1, "uploaded_bytes": size, "downloaded_bytes": 0, "sites": sites,
                             "accuracy_alone_mean": float(np.mean([s["accuracy_alone"] for s in sites.values()])),
